@@ -1,0 +1,207 @@
+"""Run configuration: one frozen dataclass serving CLI flags and a TOML file.
+
+Precedence: CLI flags > TOML file (``--config FILE.toml``) > defaults (the paper's settings).
+All problems are collected and reported at once. The resolved config is written into the run
+directory, and its fingerprint (the fields that change results) guards a run directory against
+being reused by a different configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserErrors
+
+# Known (layer, position) of published directions: the paper's Table 5.
+KNOWN_DIRECTIONS: dict[str, tuple[int, int]] = {"google/gemma-2b-it": (10, -2)}
+
+ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline", "harmless_actadd")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model
+    model: str = _f("google/gemma-2b-it", "HF Hub id, local model directory, or .gguf file")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model")
+    chat_template: str | None = _f(None, "Jinja chat template file, for tokenizers that lack one")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    # data
+    data_dir: str | None = _f(None, "data directory laid out like datasets/ (else $REFUSAL_DIRECTION_DATA, else download)")
+    harmful_train: str = _f("harmful_train", "named set or file of harmful training instructions")
+    harmless_train: str = _f("harmless_train", "named set or file of harmless training instructions")
+    eval: str = _f("jailbreakbench", "named set or file of harmful evaluation instructions")
+    harmful_val: str = _f("harmful_val", "named set or file of harmful validation instructions (selection)")
+    harmless_val: str = _f("harmless_val", "named set or file of harmless validation instructions (selection)")
+    harmless_eval: str = _f("harmless_test", "named set or file of harmless evaluation instructions (actadd, KL, CE)")
+    n_train: int = _f(128, "instructions sampled from each training set")
+    n_val: int = _f(32, "instructions sampled from each validation set")
+    n_eval: int = _f(100, "harmful evaluation instructions (first n, in file order)")
+    n_harmless_eval: int = _f(100, "harmless evaluation instructions (seeded sample)")
+    seed: int = _f(42, "seed of the sampling stream (the paper's: 42)")
+    drop_duplicates: bool = _f(True, "drop train/val items that duplicate an eval item (case/space-insensitive)")
+    # direction
+    select: str = _f("default", "fixed | auto | default (fixed for models with a known direction, else auto)")
+    layer: int | None = _f(None, "block index of the direction (fixed selection); gemma-2b-it: 10")
+    position: int | None = _f(None, "post-instruction position of the direction, negative; gemma-2b-it: -2")
+    kl_threshold: float = _f(0.1, "selection: discard candidates with KL above this")
+    induce_threshold: float = _f(0.0, "selection: discard candidates with induce score below this")
+    prune_layer_fraction: float = _f(0.2, "selection: discard layers >= (1 - this) * n_layers")
+    max_select_layers: int | None = _f(None, "selection: score only this many evenly spaced layers (CPU budget)")
+    # generation
+    conditions: tuple[str, ...] = _f(ALL_CONDITIONS, f"conditions to generate, from {', '.join(ALL_CONDITIONS)}")
+    actadd_coeff: float = _f(1.0, "coefficient of the activation addition (harmless_actadd: +c r; actadd_negative: -c r)")
+    max_new_tokens: int = _f(512, "greedy tokens per completion")
+    batch_size: int = _f(32, "prompts per batch for extraction and generation")
+    stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")
+    generation_backend: str = _f("auto", "auto (fast on CUDA, hf on CPU) | hf | fast")
+    # scoring
+    safety: bool = _f(True, "score safety with the Llama Guard 2 classifier")
+    safety_model: str = _f("meta-llama/Meta-Llama-Guard-2-8B", "Hub id or local directory of the safety classifier")
+    safety_mode: str = _f("logprob", "logprob (p(unsafe) from one forward pass) | generate (verdict + categories)")
+    safety_short_is_safe: bool = _f(False, "the paper's rule: completions under 15 words are safe")
+    require_safety: bool = _f(False, "fail the run if the safety classifier cannot be loaded")
+    safety_batch_size: int = _f(8, "completions per safety-classifier batch")
+    refusal_first_n_tokens: int = _f(64, "extra column: refusal score over the first N tokens only")
+    capability: bool = _f(True, "KL and on-distribution CE on the harmless evaluation set per condition")
+
+    def resolved_direction(self) -> tuple[str, int | None, int | None]:
+        """(mode, layer, position) after applying defaults for known models."""
+        known = KNOWN_DIRECTIONS.get(self.model)
+        mode = self.select
+        if mode == "default":
+            mode = "fixed" if known or (self.layer is not None and self.position is not None) else "auto"
+        layer = self.layer if self.layer is not None else (known[0] if known else None)
+        position = self.position if self.position is not None else (known[1] if known else None)
+        return mode, layer, position
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["conditions"] = list(self.conditions)
+        return d
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change results (not batch sizes, device or the data location)."""
+        ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend"}
+        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _coerce(name: str, value: Any, problems: list[str]) -> Any:
+    f = FIELDS[name]
+    default = f.default
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        problems.append(f"{name}: null is not allowed; remove the key to use the default {default!r}")
+        return default
+    if "tuple" in kind:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{name}={value!r}: expected a list of strings")
+            return default
+        return tuple(value)
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        problems.append(f"{name}={value!r}: expected true or false")
+        return default
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            problems.append(f"{name}={value!r}: expected an integer")
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            problems.append(f"{name}={value!r}: expected an integer")
+            return default
+    if kind.startswith("float"):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{name}={value!r}: expected a number")
+            return default
+    if not isinstance(value, str):
+        problems.append(f"{name}={value!r}: expected a string")
+        return default
+    return value
+
+
+def build_config(overrides: dict[str, Any] | None = None, toml_path: str | Path | None = None,
+                 base: dict[str, Any] | None = None) -> RunConfig:
+    """Merge ``base`` (e.g. a run's saved config) < TOML file < ``overrides``; validate everything."""
+    problems: list[str] = []
+    values: dict[str, Any] = dict(base or {})
+    if toml_path is not None:
+        path = Path(toml_path)
+        if not path.is_file():
+            problems.append(f"config file {str(path)!r} does not exist")
+        else:
+            try:
+                values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as exc:
+                problems.append(f"config file {path} is not valid TOML: {exc}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in FIELDS:
+            close = [n for n in FIELDS if n.startswith(key[:4])] or list(FIELDS)[:6]
+            problems.append(f"unknown config key {key!r}; known keys include {', '.join(close)}")
+            continue
+        clean[key] = _coerce(key, value, problems)
+    config = RunConfig(**clean)
+    problems += validate(config)
+    if problems:
+        raise UserErrors(problems)
+    return config
+
+
+def validate(c: RunConfig) -> list[str]:
+    p = []
+    for name in ("n_train", "n_val", "n_eval", "n_harmless_eval", "max_new_tokens", "batch_size",
+                 "safety_batch_size", "refusal_first_n_tokens"):
+        if getattr(c, name) < 1:
+            p.append(f"{name}={getattr(c, name)} must be at least 1")
+    if c.select not in ("fixed", "auto", "default"):
+        p.append(f"select={c.select!r}: use fixed, auto or default")
+    if c.position is not None and c.position >= 0:
+        p.append(f"position={c.position} must be negative (counted from the end of the prompt, e.g. -2)")
+    if c.layer is not None and c.layer < 0:
+        p.append(f"layer={c.layer} must be >= 0 (0-based block index)")
+    mode, layer, position = c.resolved_direction()
+    if mode == "fixed" and (layer is None or position is None):
+        p.append(f"select=fixed needs --layer and --position (no known direction for {c.model!r}); "
+                 "or use --select auto")
+    bad = [x for x in c.conditions if x not in ALL_CONDITIONS]
+    if bad:
+        p.append(f"conditions {bad} are unknown; choose from {', '.join(ALL_CONDITIONS)}")
+    if c.generation_backend not in ("auto", "hf", "fast"):
+        p.append(f"generation_backend={c.generation_backend!r}: use auto, hf or fast")
+    if c.safety_mode not in ("logprob", "generate"):
+        p.append(f"safety_mode={c.safety_mode!r}: use logprob or generate")
+    if c.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        p.append(f"dtype={c.dtype!r}: use auto, float32, bfloat16 or float16")
+    if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
+        p.append(f"device={c.device!r}: use auto, cpu, cuda or cuda:N")
+    if not 0 <= c.prune_layer_fraction < 1:
+        p.append(f"prune_layer_fraction={c.prune_layer_fraction} must be in [0, 1)")
+    if c.chat_template and not Path(c.chat_template).is_file():
+        p.append(f"chat_template file {c.chat_template!r} does not exist")
+    return p

@@ -1,0 +1,143 @@
+"""Interventions on the residual stream, applied through one context manager.
+
+- `Baseline`: no-op (so loops over conditions need no special case).
+- `DirectionalAblation`: x' = x - r̂ r̂ᵀ x at the input of every decoder block and at the outputs of
+  every attention and MLP sub-layer, at every position (prompt and generated tokens). Then every
+  block input, every mid-block residual and the final residual have zero component along r̂.
+- `ActivationAddition`: x' = x + coeff · r at the input of one block, at every position.
+
+Hooks return new tensors (never edit activations in place) and are removed on exit, also on error.
+Every hook takes an optional per-row switch ``rows`` ([batch] float/bool): the intervention applies
+only where it is 1, so several conditions can share one batch (one read of the weights per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Union
+
+import torch
+
+from .model import LoadedModel
+
+
+@dataclass(frozen=True, eq=False)
+class Baseline:
+    name: str = "baseline"
+
+    def describe(self) -> dict:
+        return {"type": "baseline"}
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionalAblation:
+    direction: torch.Tensor  # [d_model], any norm; normalised when applied
+    name: str = "ablation"
+
+    def describe(self) -> dict:
+        return {"type": "directional_ablation", "sites": "resid_pre, attn_out, mlp_out of every block",
+                "direction_norm": float(self.direction.double().norm())}
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationAddition:
+    direction: torch.Tensor  # [d_model], raw (unnormalised) difference-in-means vector
+    layer: int
+    coeff: float = 1.0
+    name: str = "actadd"
+
+    def describe(self) -> dict:
+        return {"type": "activation_addition", "site": f"resid_pre of block {self.layer}",
+                "coeff": self.coeff, "direction_norm": float(self.direction.double().norm())}
+
+
+Intervention = Union[Baseline, DirectionalAblation, ActivationAddition]
+
+
+def unit(direction: torch.Tensor) -> torch.Tensor:
+    """r̂ = r / ‖r‖, computed in float32 (float64 input is kept)."""
+    d = direction.float() if direction.dtype not in (torch.float32, torch.float64) else direction
+    return d / d.norm()
+
+
+def ablate(x: torch.Tensor, r_hat: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """x - r̂ r̂ᵀ x over the last dim; ``r_hat`` already unit norm and in x's dtype/device."""
+    proj = (x @ r_hat).unsqueeze(-1) * r_hat
+    if rows is not None:
+        proj = proj * rows.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    return x - proj
+
+
+def add(x: torch.Tensor, vector: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    if rows is not None:
+        return x + rows.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) * vector
+    return x + vector
+
+
+def replace_first(value, fn):
+    """Apply fn to a tensor or to the first element of a tuple output; return a new object."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+        return (fn(value[0]),) + tuple(value[1:])
+    raise TypeError(f"cannot intervene on a module output of type {type(value).__name__}")
+
+
+def input_hook(fn):
+    """A forward pre-hook (register with with_kwargs=True) rewriting the block's hidden_states input."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
+
+
+def output_hook(fn):
+    def hook(module, args, output):
+        return replace_first(output, fn)
+
+    return hook
+
+
+@contextlib.contextmanager
+def apply_intervention(
+    lm: LoadedModel, intervention: Intervention, rows: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Hook ``intervention`` into ``lm.model`` for the duration of the block.
+
+    ``rows``: optional [batch] mask (1 = intervene on this row); must match the batch of every call
+    made inside the block.
+    """
+    handles = []
+    try:
+        if isinstance(intervention, DirectionalAblation):
+            r_hat = unit(intervention.direction).to(device=lm.device, dtype=lm.dtype)
+
+            def fn(x):
+                return ablate(x, r_hat, rows)
+
+            for site in lm.blocks:
+                handles.append(site.block.register_forward_pre_hook(input_hook(fn), with_kwargs=True))
+                handles.append(site.attn_out.register_forward_hook(output_hook(fn)))
+                handles.append(site.mlp_out.register_forward_hook(output_hook(fn)))
+        elif isinstance(intervention, ActivationAddition):
+            if not 0 <= intervention.layer < lm.n_layers:
+                raise ValueError(f"layer={intervention.layer} out of range (0..{lm.n_layers - 1})")
+            vec = (intervention.coeff * intervention.direction.double()).to(device=lm.device, dtype=lm.dtype)
+
+            def fn(x):
+                return add(x, vec, rows)
+
+            site = lm.blocks[intervention.layer]
+            handles.append(site.block.register_forward_pre_hook(input_hook(fn), with_kwargs=True))
+        elif not isinstance(intervention, Baseline):
+            raise TypeError(f"unknown intervention {intervention!r}")
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,299 @@
+"""Model stage: load any HF causal LM, format chat prompts, and find the residual-stream sites.
+
+Everything model-specific is *derived* here, never hard-coded per family:
+
+- the chat format (text before and after the instruction) comes from the tokenizer's chat template,
+  rendered once around a sentinel; gemma-2b-it's format is pinned to the paper's exact string;
+- the post-instruction tokens are the tokens of the text after the instruction
+  (gemma-2b-it: ``<end_of_turn>``, ``\\n``, ``<start_of_turn>``, ``model``, ``\\n``);
+- decoder blocks, attention and MLP modules are found by inspecting the module tree.
+
+`LoadedModel` bundles the HF model, tokenizer and these derived facts; later stages take it as input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-2b-it"
+_SENTINEL = "\x00INSTRUCTION\x00"
+
+# The paper's exact Gemma-1 prompt (no system turn). Used for model_type "gemma".
+GEMMA_PREFIX = "<bos><start_of_turn>user\n"
+GEMMA_SUFFIX = "<end_of_turn>\n<start_of_turn>model\n"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A single-turn chat prompt: ``prefix + instruction + suffix`` (suffix = post-instruction text)."""
+
+    prefix: str
+    suffix: str
+    source: str  # where it came from, for the log and the run config
+
+    def render(self, instruction: str) -> str:
+        return self.prefix + instruction + self.suffix
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """Modules of one decoder block whose outputs are added into the residual stream."""
+
+    block: nn.Module
+    attn_out: nn.Module  # output is (or starts with) the attention contribution to the residual
+    mlp_out: nn.Module  # output is the MLP contribution to the residual
+
+
+@dataclass
+class LoadedModel:
+    """An HF causal LM with its tokenizer and the facts later stages need."""
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    chat: ChatFormat
+    post_instruction_ids: list[int]
+    blocks: list[BlockSites]
+    final_norm: nn.Module | None
+    revision: str | None = None
+    dtype_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_post_instruction(self) -> int:
+        return len(self.post_instruction_ids)
+
+    def post_instruction_tokens(self) -> list[str]:
+        """The post-instruction tokens as text, one string per token."""
+        return [self.tokenizer.decode([i]) for i in self.post_instruction_ids]
+
+    def format(self, instruction: str) -> str:
+        return self.chat.render(instruction)
+
+    def tokenize(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """Chat-format and tokenize a batch, left-padded: ``input_ids``, ``attention_mask`` [batch, seq]."""
+        return tokenize_prompts(self.tokenizer, [self.format(x) for x in instructions], self.device)
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Token ids that end an assistant turn: eos plus the template's end-of-turn token if any."""
+        ids = []
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        first = self.post_instruction_ids[0]
+        if first in set(self.tokenizer.all_special_ids) and first not in ids:
+            ids.append(first)
+        return ids
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Tokenize already-formatted prompts (special tokens are in the text), left-padded."""
+    if tokenizer.padding_side != "left":
+        tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, add_special_tokens=False, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[torch.dtype, str]:
+    """``auto`` = bf16 on CUDA, fp32 on CPU; returns the dtype and the reason, for the log."""
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype != "auto":
+        if dtype not in names:
+            raise UserError(f"dtype={dtype!r} is not supported; use one of auto, {', '.join(names)}")
+        return names[dtype], f"{dtype}: set by the user"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        return torch.bfloat16, f"bfloat16: auto-detected, CUDA device {name}"
+    return torch.float32, f"float32: auto-detected, device {device}"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} was requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Load a Hub id, a local model directory, or a ``.gguf`` file, and derive its chat facts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype, reason = resolve_dtype(dtype, device)
+    log.info("loading %s on %s (%s)", model, device, reason)
+    kwargs: dict = {}
+    source = model
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(f"GGUF file {model!r} does not exist; for the demo model run "
+                            "`refusal-direction fetch-model qwen2.5-coder-0.5b-instruct` first")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif revision:
+        kwargs["revision"] = revision
+    token = os.environ.get("HF_TOKEN")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **kwargs)
+    except Exception as exc:  # translate hub/gating/offline failures into actionable messages
+        raise hub_error(model, exc) from exc
+    hf_model.to(device).eval()
+    hf_model.requires_grad_(False)
+    return wrap_model(hf_model, tokenizer, model_id=model, revision=revision,
+                      chat_template=chat_template, dtype_reason=reason)
+
+
+def hub_error(model: str, exc: Exception) -> UserError:
+    """Turn a loading exception into a UserError that says what to do."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
+    if "gated" in low or "401" in low or "403" in low or "access to model" in low:
+        return UserError(
+            f"{model} is a gated model and this machine has no access to it. Accept the license on "
+            f"https://huggingface.co/{model}, create a token, and set HF_TOKEN=<token> (or run "
+            "`huggingface-cli login`); or pass a local model directory.\n(underlying error: "
+            f"{text.splitlines()[0][:300]})")
+    if any(s in low for s in ("offline", "couldn't connect", "connection", "cannot find the requested files",
+                              "localentrynotfound", "does not appear to have", "not a valid model identifier",
+                              "is not a local folder", "repository not found", "404")):
+        return UserError(
+            f"could not load model {model!r}: it is neither a local directory/.gguf file nor reachable on "
+            "the Hugging Face Hub (no network, empty cache, or a wrong id). Pass a local model directory "
+            "or .gguf file, or check the id and your network.\n(underlying error: "
+            f"{text.splitlines()[0][:300]})")
+    return UserError(f"could not load model {model!r}: {text[:500]}")
+
+
+def wrap_model(
+    hf_model: nn.Module,
+    tokenizer,
+    model_id: str,
+    revision: str | None = None,
+    chat_template: str | None = None,
+    dtype_reason: str = "",
+) -> LoadedModel:
+    """Derive chat format, post-instruction tokens and residual sites for an already-loaded model."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    chat = derive_chat_format(tokenizer, getattr(hf_model.config, "model_type", ""), chat_template)
+    post_ids = tokenizer(chat.suffix, add_special_tokens=False)["input_ids"]
+    if not post_ids:
+        raise UserError(f"the chat template of {model_id} puts no tokens after the instruction; "
+                        "pass --chat-template with a template that ends the user turn")
+    check_suffix_tokenization(tokenizer, chat, post_ids)
+    blocks, final_norm = find_blocks(hf_model)
+    lm = LoadedModel(model=hf_model, tokenizer=tokenizer, model_id=model_id, chat=chat,
+                     post_instruction_ids=list(post_ids), blocks=blocks, final_norm=final_norm,
+                     revision=revision, dtype_reason=dtype_reason)
+    log.info("chat format from %s; post-instruction tokens: %s", chat.source, lm.post_instruction_tokens())
+    log.info("%d decoder blocks, d_model %d", lm.n_layers, lm.d_model)
+    return lm
+
+
+def derive_chat_format(tokenizer, model_type: str = "", chat_template: str | None = None) -> ChatFormat:
+    """Render the template around a sentinel instruction and split it into prefix / suffix."""
+    if chat_template is None and model_type == "gemma":
+        return ChatFormat(GEMMA_PREFIX, GEMMA_SUFFIX, "gemma-1 format of the paper (no system turn)")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise UserError(
+            "the tokenizer has no chat template, so the prompt format cannot be derived; pass "
+            "--chat-template FILE.jinja (a Jinja chat template) or use an instruct/chat model")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], chat_template=template,
+                                         tokenize=False, add_generation_prompt=True)
+    if text.count(_SENTINEL) != 1:
+        raise UserError("the chat template does not place the user message exactly once; "
+                        "pass --chat-template with a standard single-turn template")
+    prefix, suffix = text.split(_SENTINEL)
+    bos = tokenizer.bos_token
+    if bos and not prefix.startswith(bos) and adds_bos(tokenizer):
+        prefix = bos + prefix
+    return ChatFormat(prefix, suffix, "chat template override" if chat_template else "tokenizer chat template")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer prepends bos by default (then the prompt must carry it explicitly)."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def check_suffix_tokenization(tokenizer, chat: ChatFormat, post_ids: list[int]) -> None:
+    """The suffix must tokenize the same on its own and at the end of a full prompt."""
+    for example in ("How do I bake bread?", "Write a poem."):
+        ids = tokenizer(chat.render(example), add_special_tokens=False)["input_ids"]
+        if ids[-len(post_ids):] != post_ids:
+            raise UserError(
+                "the post-instruction text tokenizes differently inside a prompt than alone "
+                f"({ids[-len(post_ids):]} vs {post_ids}); positions would be misaligned. "
+                "Pass --chat-template with a template whose turn end is a special token")
+
+
+def find_blocks(hf_model: nn.Module) -> tuple[list[BlockSites], nn.Module | None]:
+    """Find the decoder blocks and, in each, the modules that write into the residual stream."""
+    n = int(hf_model.config.get_text_config().num_hidden_layers)
+    layers_name, layers = None, None
+    for name, module in hf_model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            layers_name, layers = name, module
+            break
+    if layers is None:
+        raise UserError(f"could not find the {n} decoder blocks of {type(hf_model).__name__} "
+                        "(no nn.ModuleList of that length); this architecture is not supported")
+    sites = [block_sites(block, i) for i, block in enumerate(layers)]
+    parent_name = layers_name.rsplit(".", 1)[0] if "." in layers_name else ""
+    parent = hf_model.get_submodule(parent_name) if parent_name else hf_model
+    final_norm = next((m for k, m in parent.named_children() if "norm" in k.lower()), None)
+    return sites, final_norm
+
+
+def block_sites(block: nn.Module, index: int) -> BlockSites:
+    children = dict(block.named_children())
+    # Sandwich-norm blocks (Gemma-2/3 style) normalise each sub-layer's output before adding it to
+    # the residual; the norm's output is what is written, so that is the exact site to hook.
+    if "pre_feedforward_layernorm" in children and "post_feedforward_layernorm" in children:
+        return BlockSites(block, children["post_attention_layernorm"], children["post_feedforward_layernorm"])
+    attn = next((m for k, m in children.items() if "attn" in k.lower() or "attention" in k.lower()), None)
+    mlp = next((m for k, m in children.items() if k.lower() in ("mlp", "feed_forward", "ffn", "block_sparse_moe")),
+               None)
+    if attn is None or mlp is None:
+        raise UserError(f"decoder block {index} ({type(block).__name__}) has no recognisable attention/MLP "
+                        f"children (found {sorted(children)}); this architecture is not supported")
+    return BlockSites(block, attn, mlp)

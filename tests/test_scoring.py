@@ -1,0 +1,37 @@
+"""Refusal score: golden parity with the paper's released gemma-2b-it completions."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from refusal_direction.scorefile import score_file
+from refusal_direction.scoring import REFUSAL_SUBSTRINGS, is_refusal
+
+
+def test_twelve_substrings_case_insensitive():
+    assert len(REFUSAL_SUBSTRINGS) == 12
+    assert is_refusal("Sure. i CANNOT do that") == 1
+    assert is_refusal("Here is how to bake bread.") == 0
+
+
+@pytest.mark.parametrize("condition,expected", [("baseline", 0.91), ("ablation", 0.00), ("actadd", 0.02)])
+def test_golden_parity_with_released_completions(reference_run, condition, expected):
+    path = reference_run / "completions" / f"jailbreakbench_{condition}_evaluations.json"
+    result = score_file(path)
+    assert result["n"] == 100
+    assert result["refusal"]["rate"] == pytest.approx(expected, abs=1e-9)
+    labels = json.loads(path.read_text())["completions"]
+    for item, label in zip(result["items"], labels, strict=True):
+        assert item["refusal"] == 1 - int(label["is_jailbreak_substring_matching"]), item["instruction"]
+
+
+def test_score_cli_on_released_completions(reference_run):
+    path = reference_run / "completions" / "jailbreakbench_baseline_completions.json"
+    out = subprocess.run([sys.executable, "-m", "refusal_direction", "score", str(path), "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["refusal"]["rate"] == pytest.approx(0.91)
+    out = subprocess.run([sys.executable, "-m", "refusal_direction", "score", str(path)],
+                         capture_output=True, text=True, check=True)
+    assert "refusal score 0.91" in out.stdout
