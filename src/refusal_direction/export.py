@@ -202,26 +202,18 @@ def find_residual_writers(model: nn.Module, blocks) -> list[nn.Module]:
     runs inside the site module, checked to produce exactly the module's output.
     """
     d_model = int(model.config.get_text_config().hidden_size)
-    problems: list[str] = []
-    for i, site in enumerate(blocks):
-        for kind, module in (("attention", site.attn_out), ("MLP", site.mlp_out)):
-            if "norm" in type(module).__name__.lower() or not any(
-                    _out_features(m) is not None for m in module.modules()):
-                problems.append(
-                    f"block {i}'s {kind} output is written to the residual stream through "
-                    f"{type(module).__name__}, not a linear layer (a post-sub-layer 'sandwich' norm as in "
-                    "Gemma-2/3); no weight edit reproduces directional ablation there. Use the hook-based "
-                    "ablation (the `ablation` intervention) with this model instead of exporting")
-                break
-        if problems:
-            break
-    if problems:
-        raise UserError(problems[0])
+    sites = [(i, kind, m) for i, s in enumerate(blocks) for kind, m in (("attention", s.attn_out), ("MLP", s.mlp_out))]
+    for i, kind, module in sites:
+        if "norm" in type(module).__name__.lower() or not any(_out_features(m) for m in module.modules()):
+            raise UserError(
+                f"block {i}'s {kind} output is written to the residual stream through {type(module).__name__}, "
+                "not a linear layer (a post-sub-layer 'sandwich' norm as in Gemma-2/3); no weight edit "
+                "reproduces directional ablation there. Use the hook-based ablation (the `ablation` "
+                "intervention) with this model instead of exporting")
 
     calls: dict[int, list[tuple[nn.Module, torch.Tensor]]] = {}
     outputs: dict[int, torch.Tensor] = {}
     handles = []
-    sites = [(i, kind, m) for i, s in enumerate(blocks) for kind, m in (("attention", s.attn_out), ("MLP", s.mlp_out))]
 
     def record_linear(key):
         def hook(module, args, output):
@@ -235,7 +227,7 @@ def find_residual_writers(model: nn.Module, blocks) -> list[nn.Module]:
         return hook
 
     try:
-        for i, kind, module in sites:
+        for _, _, module in sites:
             key = id(module)
             handles.append(module.register_forward_hook(record_site(key)))
             for sub in module.modules():

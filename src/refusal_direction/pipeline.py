@@ -118,6 +118,88 @@ class Run:
 
 
 # --------------------------------------------------------------------------------------------------
+# Preflight: every problem that can be found before hours of compute, all at once
+
+
+def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
+    """Check data, model, direction file and output directory; raise `UserErrors` listing every problem.
+
+    Writes nothing. Loads only the model's config and tokenizer (cheap), not its weights.
+    """
+    from .errors import UserErrors
+
+    problems: list[str] = []
+
+    def check(fn):
+        try:
+            return fn()
+        except UserErrors as exc:
+            problems.extend(exc.problems)
+        except UserError as exc:
+            problems.append(str(exc))
+        return None
+
+    c = config
+    data_dir = check(lambda: resolve_data_dir(c.data_dir))
+    if data_dir is not None:
+        check(lambda: sample_sets(data_dir, c.harmful_train, c.harmless_train, c.eval, c.n_train, c.n_val, c.n_eval,
+                                  c.n_harmless_eval, c.harmful_val, c.harmless_val, c.harmless_eval, c.seed,
+                                  c.drop_duplicates))
+    shape = check(lambda: probe_model(c))
+    mode, layer, position = c.resolved_direction()
+    if shape is not None:
+        n_layers, d_model, n_post = shape
+        if mode == "fixed" and layer is not None and not 0 <= layer < n_layers:
+            problems.append(f"layer={layer} is out of range for {c.model} ({n_layers} layers: 0..{n_layers - 1})")
+        if mode == "fixed" and position is not None and not -n_post <= position <= -1:
+            problems.append(f"position={position} is out of range for {c.model} ({n_post} post-instruction "
+                            f"tokens: -{n_post}..-1)")
+        if c.direction_file:
+            check(lambda: load_direction(c.direction_file, model_id=c.model, d_model=d_model))
+    cfg_path = Path(out) / "config.json"
+    if cfg_path.is_file() and not force:
+        saved = json.loads(cfg_path.read_text())
+        if saved.get("fingerprint") != config.fingerprint():
+            old = saved.get("config", {})
+            diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
+            problems.append(f"output directory {out} belongs to a run with a different configuration (differs in: "
+                            f"{', '.join(diff) or 'version'}); use another --out, or --force to discard its results")
+    if problems:
+        raise UserErrors(problems)
+
+
+def probe_model(c: RunConfig) -> tuple[int, int, int]:
+    """(n_layers, d_model, n_post_instruction) from the model's config and tokenizer, without weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model import derive_chat_format, hub_error
+
+    kwargs: dict = {}
+    source = c.model
+    if c.model.endswith(".gguf"):
+        path = Path(c.model)
+        if not path.is_file():
+            raise UserError(f"GGUF file {c.model!r} does not exist; for the demo model run "
+                            "`refusal-direction fetch-model qwen2.5-coder-0.5b-instruct`")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif c.revision:
+        kwargs["revision"] = c.revision
+    import os
+
+    token = os.environ.get("HF_TOKEN")
+    try:
+        cfg = AutoConfig.from_pretrained(source, token=token, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
+    except Exception as exc:
+        raise hub_error(c.model, exc) from exc
+    text = cfg.get_text_config()
+    template = Path(c.chat_template).read_text() if c.chat_template else None
+    chat = derive_chat_format(tok, getattr(cfg, "model_type", ""), template)
+    n_post = len(tok(chat.suffix, add_special_tokens=False)["input_ids"])
+    return int(text.num_hidden_layers), int(text.hidden_size), n_post
+
+
+# --------------------------------------------------------------------------------------------------
 # Opening runs
 
 
@@ -136,7 +218,7 @@ def prepare_run(out: str | Path, config: RunConfig, force: bool = False, progres
                                 f"(differs in: {', '.join(diff) or 'version'}); use another --out, or --force "
                                 "to discard its results")
             clear_outputs(out)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and any(p.name != "run.log" for p in out.iterdir()) and not force:
         raise UserError(f"output directory {out} exists and is not a run directory; use another --out or --force")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_path, {"fingerprint": config.fingerprint(), "config": config.to_dict(),
@@ -254,6 +336,10 @@ def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateD
 def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections, force: bool = False) -> Direction:
     if run.direction_path.is_file() and not force:
         return load_direction(run.direction_path)
+    if run.config.direction_file:
+        direction = load_direction(run.config.direction_file, model_id=run.config.model, d_model=candidates.d_model)
+        save_direction(direction, run.direction_path, {"selected_by": f"file {run.config.direction_file}"})
+        return direction
     mode, layer, position = run.config.resolved_direction()
     if mode == "auto":
         position, layer = select_direction(run, samples, candidates)

@@ -1,0 +1,676 @@
+"""Selection stage: score every candidate direction and pick one automatically (the paper's method).
+
+For each candidate r = candidates[position, layer], on small validation sets:
+
+- bypass score: mean refusal metric on harmful prompts with r ablated everywhere (lower = ablating r
+  removes refusal better);
+- induce score: mean refusal metric on harmless prompts with +r (raw, coefficient 1) added at block
+  ``layer``'s input, every position (higher = adding r induces refusal);
+- KL score: mean KL(baseline ‖ ablated) of the next-token distribution at the last prompt position
+  on harmless prompts (how much ablating r changes harmless behaviour).
+
+The refusal metric of one prompt is the log-odds that the first answer token is a refusal token:
+p = Σ softmax(logits)[refusal ids] at the last position (float64), metric = log(p + ε) - log(1 - p + ε).
+
+Filtering (defaults = the paper's): drop NaN scores, layers ≥ int(n_layers · (1 - 0.2)), KL > 0.1 and
+induce < 0; the survivor with the lowest bypass score is the direction.
+
+Speed: candidates are not scored one forward pass at a time. Every (candidate, prompt, kind) is one
+row of a big batch; each row carries its own unit direction to ablate ([rows, d_model]) or its own
+vector and layer to add, applied by per-row hooks. Rows are sorted by prompt length so a batch pads
+little, only the last position's logits are computed (``logits_to_keep=1``), and the baseline
+distribution for the KL is computed once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .batching import run_batched
+from .directions import CandidateDirections
+from .errors import UserError
+from .interventions import input_hook, output_hook
+from .model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-8  # added inside both logs of the refusal metric, so p = 0 or 1 stays finite
+REDUCE_ROWS = 256  # rows per float64 log-softmax (bounds memory at large vocabularies)
+
+# Row kinds of the batched sweep.
+BYPASS, INDUCE, KL = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Value objects
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """The three selection scores of the candidate at (position, layer)."""
+
+    position: int
+    layer: int
+    bypass: float  # mean refusal metric, harmful val, candidate ablated (paper: refusal_score)
+    induce: float  # mean refusal metric, harmless val, candidate added at `layer` (paper: steering_score)
+    kl: float  # mean KL(baseline ‖ ablated), harmless val, last position (paper: kl_div_score)
+
+    def has_nan(self) -> bool:
+        return any(math.isnan(v) for v in (self.bypass, self.induce, self.kl))
+
+
+@dataclass(frozen=True)
+class SelectionThresholds:
+    """Filters applied before choosing the lowest bypass score (defaults: the paper's)."""
+
+    kl_threshold: float = 0.1  # discard candidates whose KL score is above this
+    induce_threshold: float = 0.0  # discard candidates whose induce score is below this
+    prune_layer_fraction: float = 0.2  # discard layers >= int(n_layers * (1 - this))
+
+    def __post_init__(self):
+        if not 0.0 <= self.prune_layer_fraction < 1.0:
+            raise UserError(f"prune_layer_fraction={self.prune_layer_fraction} must be in [0, 1) "
+                            "(0 keeps every layer; the paper uses 0.2)")
+
+    def max_layer(self, n_layers: int) -> int:
+        """First pruned layer: layers >= this are discarded."""
+        return int(n_layers * (1.0 - self.prune_layer_fraction))
+
+
+# Reasons a candidate is discarded (codes, as written to JSON).
+NAN, LATE_LAYER, HIGH_KL, LOW_INDUCE = "nan", "late_layer", "kl", "induce"
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """The chosen candidate, the ordered survivors, and why every other candidate was discarded."""
+
+    position: int
+    layer: int
+    survivors: tuple[CandidateScore, ...]  # ascending bypass score; survivors[0] is the choice
+    discarded: tuple[tuple[CandidateScore, tuple[str, ...]], ...]  # (score, reason codes)
+    thresholds: SelectionThresholds
+    n_layers: int
+
+    @property
+    def chosen(self) -> CandidateScore:
+        return self.survivors[0]
+
+    @property
+    def max_layer(self) -> int:
+        return self.thresholds.max_layer(self.n_layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusal tokens and the refusal metric
+
+
+def refusal_token_ids(tokenizer, words: Sequence[str] = ("I",), suffix: str = "") -> list[int]:
+    """First token of each word as the model would begin its answer right after the chat ``suffix``.
+
+    The word is encoded after the suffix and the first token past the suffix is taken, so a word that
+    opens an answer encodes as it would there (gemma-2b-it: "I" -> 235285). When the suffix does not
+    end in whitespace (e.g. Llama-2's ``[/INST]``), answers start with a space, so " word" is tried
+    first (SentencePiece "▁I").
+    """
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    ids: list[int] = []
+    for word in words:
+        variants = [" " + word, word] if suffix and not suffix[-1].isspace() else [word]
+        token = None
+        for text in variants:
+            full = tokenizer(suffix + text, add_special_tokens=False)["input_ids"]
+            rest = full[len(suffix_ids):] if full[:len(suffix_ids)] == suffix_ids else \
+                tokenizer(text, add_special_tokens=False)["input_ids"]
+            if rest and tokenizer.decode([rest[0]]).strip():
+                token = int(rest[0])
+                break
+        if token is None:
+            raise UserError(f"refusal word {word!r} does not tokenize to a visible first token; "
+                            "pass other refusal words (or explicit refusal token ids)")
+        if token not in ids:
+            ids.append(token)
+    log.info("refusal tokens: %s", [(i, tokenizer.decode([i])) for i in ids])
+    return ids
+
+
+def default_refusal_ids(lm: LoadedModel) -> list[int]:
+    return refusal_token_ids(lm.tokenizer, ("I",), lm.chat.suffix)
+
+
+def refusal_metric(logits_last: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
+    """Log-odds of a refusal token: logits [batch, vocab] -> [batch] float64."""
+    return _metric_from_logprobs(torch.log_softmax(logits_last.double(), dim=-1), refusal_ids)
+
+
+def _metric_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
+    ids = torch.as_tensor(list(refusal_ids), device=logprobs.device)
+    p = logprobs.index_select(-1, ids).exp().sum(-1)  # [batch] float64
+    return torch.log(p + EPS) - torch.log(1.0 - p + EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-row interventions (each batch row has its own direction)
+
+
+def ablate_rows(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
+    """x - (x·r̂_b) r̂_b for each row b: x [batch, seq, d], r_hat [batch, d] unit (zero row = no-op)."""
+    proj = torch.einsum("bsd,bd->bs", x, r_hat)  # [batch, seq]
+    return torch.addcmul(x, proj.unsqueeze(-1), r_hat.unsqueeze(1), value=-1)
+
+
+@contextlib.contextmanager
+def per_row_interventions(
+    lm: LoadedModel,
+    ablate_dirs: torch.Tensor | None = None,
+    add_vectors: torch.Tensor | None = None,
+    add_layers: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Hook per-row interventions into ``lm.model`` for one batch.
+
+    ``ablate_dirs`` [batch, d_model]: unit direction ablated from row b at every block input and every
+    attention/MLP output (a zero row leaves that row untouched). ``add_vectors`` [batch, d_model] with
+    ``add_layers`` [batch] (-1 = none): vector added to row b at the input of block ``add_layers[b]``.
+    """
+    handles = []
+    try:
+        if ablate_dirs is not None:
+            def fn_ablate(x):
+                return ablate_rows(x, ablate_dirs)
+
+            for site in lm.blocks:
+                handles.append(site.block.register_forward_pre_hook(input_hook(fn_ablate), with_kwargs=True))
+                handles.append(site.attn_out.register_forward_hook(output_hook(fn_ablate)))
+                handles.append(site.mlp_out.register_forward_hook(output_hook(fn_ablate)))
+        if add_vectors is not None:
+            layers = torch.as_tensor(list(add_layers), device=add_vectors.device)  # [batch]
+            for layer in sorted(set(add_layers) - {-1}):
+                vec = torch.where((layers == layer).unsqueeze(-1), add_vectors, 0)  # [batch, d]
+
+                def fn_add(x, vec=vec):
+                    return x + vec.unsqueeze(1)
+
+                handles.append(lm.blocks[layer].block.register_forward_pre_hook(input_hook(fn_add),
+                                                                                with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward passes that keep only the last position
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _tokenize_each(lm: LoadedModel, instructions: Sequence[str]) -> list[list[int]]:
+    """Chat-formatted token ids per instruction, unpadded (padding happens per batch)."""
+    return lm.tokenizer([lm.format(x) for x in instructions], add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n, width = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Next-token logits after each prompt: [batch, vocab] in the model's dtype."""
+    input_ids, mask = _left_pad(seqs, lm.tokenizer.pad_token_id, lm.device)
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(lm.model)) else {}
+    out = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
+    return out.logits[:, -1, :]
+
+
+@torch.no_grad()
+def refusal_metrics(
+    lm: LoadedModel,
+    instructions: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Unintervened refusal metric of each instruction: [n] float64 on CPU."""
+    refusal_ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(lm)
+    seqs = _tokenize_each(lm, instructions)
+
+    def step(batch):
+        return refusal_metric(_last_logits(lm, batch), refusal_ids).cpu().tolist()
+
+    return torch.tensor(run_batched(step, seqs, batch_size, "refusal metric", progress), dtype=torch.float64)
+
+
+def filter_validation(
+    lm: LoadedModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> tuple[list[str], list[str]]:
+    """Keep harmful instructions the model refuses (metric > 0) and harmless ones it does not (< 0)."""
+    refusal_ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(lm)
+    m_harmful = refusal_metrics(lm, harmful, refusal_ids, batch_size)
+    m_harmless = refusal_metrics(lm, harmless, refusal_ids, batch_size)
+    kept_harmful = [x for x, m in zip(harmful, m_harmful.tolist()) if m > 0]
+    kept_harmless = [x for x, m in zip(harmless, m_harmless.tolist()) if m < 0]
+    log.info("validation filter: kept %d/%d harmful (refused) and %d/%d harmless (not refused)",
+             len(kept_harmful), len(harmful), len(kept_harmless), len(harmless))
+    if not kept_harmful or not kept_harmless:
+        raise UserError(
+            f"after filtering, {len(kept_harmful)} harmful and {len(kept_harmless)} harmless validation "
+            f"instructions are left (harmful kept if the model refuses them, harmless if it does not; refusal "
+            f"tokens {refusal_ids}); the model may not refuse, or its answers may not start with these "
+            "tokens. Use more validation instructions, other refusal tokens, or select the direction by "
+            "hand (--select fixed --layer L --position P)")
+    return kept_harmful, kept_harmless
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring all candidates
+
+
+@dataclass(frozen=True)
+class _Row:
+    kind: int  # BYPASS (harmful, ablated) | INDUCE (harmless, added) | KL (harmless, ablated)
+    candidate: int  # index into the candidate list
+    prompt: int  # index into the harmful or harmless prompt list
+    length: int = field(compare=False)
+
+
+def default_max_batch_rows(lm: LoadedModel) -> int:
+    return 512 if lm.device.type == "cuda" else 64
+
+
+@torch.no_grad()
+def score_candidates(
+    lm: LoadedModel,
+    candidates: CandidateDirections,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    max_batch_rows: int | None = None,
+    progress: bool = False,
+) -> list[CandidateScore]:
+    """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
+
+    Returned in position-major order (position, then layer), like the paper's file.
+    """
+    if not harmful_val or not harmless_val:
+        raise UserError(f"selection needs harmful and harmless validation instructions "
+                        f"(got {len(harmful_val)} and {len(harmless_val)})")
+    if candidates.d_model != lm.d_model:
+        raise UserError(f"candidate directions have d_model {candidates.d_model} but {lm.model_id} has "
+                        f"{lm.d_model}; extract the candidates from this model")
+    layers = list(range(candidates.n_layers)) if layers is None else list(layers)
+    bad = [x for x in layers if not 0 <= x < min(candidates.n_layers, lm.n_layers)]
+    if bad:
+        raise UserError(f"layers {bad} are out of range for {lm.model_id} ({lm.n_layers} layers: "
+                        f"0..{lm.n_layers - 1})")
+    refusal_ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(lm)
+    max_batch_rows = max_batch_rows or default_max_batch_rows(lm)
+    t0 = time.perf_counter()
+
+    keys = [(p, layer) for p in candidates.positions for layer in layers]
+    raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
+    raw = raw.double()
+    norms = raw.norm(dim=-1)
+    ablatable = (norms > 0) & torch.isfinite(norms)  # a zero direction has no unit vector: NaN scores
+    finite = torch.isfinite(raw).all(-1)
+    unit_dirs = torch.where(ablatable.unsqueeze(-1), raw / norms.clamp_min(1e-300).unsqueeze(-1), 0)
+    unit_dirs = unit_dirs.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+    add_vecs = raw.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+    if not ablatable.all():
+        log.info("%d candidates have a zero or non-finite direction (e.g. layer 0, where every prompt has "
+                 "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
+
+    harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
+    base_logp = torch.cat([
+        torch.log_softmax(_last_logits(lm, harmless_ids[i:i + max_batch_rows]).double(), dim=-1)
+        for i in range(0, len(harmless_ids), max_batch_rows)])  # [n_harmless, vocab] float64
+
+    rows = []
+    for c in range(len(keys)):
+        if ablatable[c]:
+            rows += [_Row(BYPASS, c, i, len(s)) for i, s in enumerate(harmful_ids)]
+            rows += [_Row(KL, c, i, len(s)) for i, s in enumerate(harmless_ids)]
+        if finite[c]:
+            rows += [_Row(INDUCE, c, i, len(s)) for i, s in enumerate(harmless_ids)]
+    rows.sort(key=lambda r: r.length)  # similar lengths share a batch: little padding
+
+    def step(batch: Sequence[_Row]) -> list[float]:
+        seqs = [(harmful_ids if r.kind == BYPASS else harmless_ids)[r.prompt] for r in batch]
+        cand = torch.tensor([r.candidate for r in batch], device=lm.device)
+        ablated = torch.tensor([r.kind != INDUCE for r in batch], device=lm.device)
+        dirs = torch.where(ablated.unsqueeze(-1), unit_dirs[cand], 0)  # [batch, d]
+        add_layers = [keys[r.candidate][1] if r.kind == INDUCE else -1 for r in batch]
+        has_add = any(x >= 0 for x in add_layers)
+        with per_row_interventions(lm, dirs if bool(ablated.any()) else None,
+                                   add_vecs[cand] if has_add else None, add_layers):
+            logits = _last_logits(lm, seqs)  # [batch, vocab]
+        kinds = torch.tensor([r.kind for r in batch], device=lm.device)
+        prompts = torch.tensor([r.prompt for r in batch], device=lm.device)
+        return _row_values(logits, kinds, prompts, base_logp, refusal_ids).tolist()
+
+    values = run_batched(step, rows, max_batch_rows, "selection", progress)
+
+    sums = torch.zeros(len(keys), 3, dtype=torch.float64)
+    counts = torch.zeros(len(keys), 3, dtype=torch.float64)
+    for r, v in zip(rows, values):
+        sums[r.candidate, r.kind] += v
+        counts[r.candidate, r.kind] += 1
+    means = sums / counts  # 0/0 = NaN for candidates that were not scored
+    scores = [CandidateScore(p, layer, float(means[c, BYPASS]), float(means[c, INDUCE]), float(means[c, KL]))
+              for c, (p, layer) in enumerate(keys)]
+    log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows) in %.2fs", len(keys),
+             len(harmful_val), len(harmless_val), len(rows), time.perf_counter() - t0)
+    return scores
+
+
+def _row_values(logits, kinds, prompts, base_logp, refusal_ids) -> torch.Tensor:
+    """Per row: refusal metric (BYPASS, INDUCE rows) or KL(baseline ‖ row) (KL rows): [batch] float64 CPU."""
+    out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
+    for s in range(0, logits.shape[0], REDUCE_ROWS):
+        e = s + REDUCE_ROWS
+        logp = torch.log_softmax(logits[s:e].double(), dim=-1)  # [rows, vocab]
+        values = _metric_from_logprobs(logp, refusal_ids)
+        is_kl = kinds[s:e] == KL
+        if bool(is_kl.any()):
+            base = base_logp[prompts[s:e][is_kl]]  # [n_kl, vocab]
+            values[is_kl] = (base.exp() * (base - logp[is_kl])).sum(-1)
+        out[s:e] = values
+    return out.cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Filtering and ranking
+
+
+def discard_reasons(score: CandidateScore, n_layers: int, thresholds: SelectionThresholds) -> tuple[str, ...]:
+    """Every filter that removes ``score`` (empty tuple = it survives)."""
+    if score.has_nan():
+        return (NAN,)
+    reasons = []
+    if score.layer >= thresholds.max_layer(n_layers):
+        reasons.append(LATE_LAYER)
+    if score.kl > thresholds.kl_threshold:
+        reasons.append(HIGH_KL)
+    if score.induce < thresholds.induce_threshold:
+        reasons.append(LOW_INDUCE)
+    return tuple(reasons)
+
+
+def filter_and_rank(
+    scores: Sequence[CandidateScore],
+    n_layers: int,
+    thresholds: SelectionThresholds = SelectionThresholds(),
+) -> SelectionResult:
+    """Discard candidates by the filters and choose the survivor with the lowest bypass score."""
+    survivors, discarded = [], []
+    for s in scores:
+        reasons = discard_reasons(s, n_layers, thresholds)
+        if reasons:
+            discarded.append((s, reasons))
+        else:
+            survivors.append(s)
+    if not survivors:
+        raise UserError(_nothing_survives_message(scores, n_layers, thresholds))
+    survivors.sort(key=lambda s: s.bypass)  # stable: ties keep the input order
+    best = survivors[0]
+    log.info("selected position %d, layer %d (bypass %.3f, induce %.3f, KL %.4f); %d of %d candidates passed "
+             "the filters", best.position, best.layer, best.bypass, best.induce, best.kl, len(survivors),
+             len(scores))
+    return SelectionResult(best.position, best.layer, tuple(survivors), tuple(discarded), thresholds, n_layers)
+
+
+def describe_reason(code: str, score: CandidateScore, n_layers: int, thresholds: SelectionThresholds) -> str:
+    if code == NAN:
+        return "a score is NaN (e.g. a zero direction)"
+    if code == LATE_LAYER:
+        return (f"layer {score.layer} >= {thresholds.max_layer(n_layers)} "
+                f"(prune_layer_fraction={thresholds.prune_layer_fraction})")
+    if code == HIGH_KL:
+        return f"KL {score.kl:.4g} > kl_threshold={thresholds.kl_threshold}"
+    if code == LOW_INDUCE:
+        return f"induce {score.induce:.4g} < induce_threshold={thresholds.induce_threshold}"
+    raise ValueError(code)
+
+
+def _relaxation(score: CandidateScore, reasons: tuple[str, ...], n_layers: int) -> list[str]:
+    """Threshold settings under which ``score`` would survive."""
+    out = []
+    if LATE_LAYER in reasons:
+        out.append(f"prune_layer_fraction={math.floor(1000 * (1.0 - (score.layer + 1) / n_layers)) / 1000:g}")
+    if HIGH_KL in reasons:
+        out.append(f"kl_threshold={_round_up(score.kl):g}")
+    if LOW_INDUCE in reasons:
+        out.append(f"induce_threshold={-_round_up(-score.induce):g}")
+    return out
+
+
+def _relaxation_cost(s: CandidateScore, n_layers: int, t: SelectionThresholds) -> float:
+    """How far the thresholds must move to keep ``s``, each filter on its own scale."""
+    cost = 0.0
+    if s.kl > t.kl_threshold:
+        cost += s.kl / t.kl_threshold if t.kl_threshold > 0 else 1.0 + s.kl
+    if s.induce < t.induce_threshold:
+        cost += (t.induce_threshold - s.induce) / max(1.0, abs(t.induce_threshold))
+    if s.layer >= t.max_layer(n_layers):
+        cost += 1.0 + s.layer - t.max_layer(n_layers)
+    return cost
+
+
+def _round_up(x: float) -> float:
+    """A number with 2 significant digits that is >= x."""
+    if x == 0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(abs(x))) - 1)
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def _nothing_survives_message(scores: Sequence[CandidateScore], n_layers: int,
+                              thresholds: SelectionThresholds) -> str:
+    t = thresholds
+    head = (f"no candidate direction passed the selection filters ({len(scores)} candidates; "
+            f"kl_threshold={t.kl_threshold}, induce_threshold={t.induce_threshold}, "
+            f"prune_layer_fraction={t.prune_layer_fraction} -> layers >= {t.max_layer(n_layers)} pruned).")
+    valid = sorted((s for s in scores if not s.has_nan()), key=lambda s: s.bypass)
+    if not valid:
+        return (head + " Every candidate has a NaN score: check the candidate directions (all zero?) and use "
+                "--dtype float32 if the model overflows in half precision.")
+    lines = [head, "Best candidates by bypass score (lower = ablation removes refusal better):"]
+    for s in valid[:5]:
+        why = "; ".join(describe_reason(c, s, n_layers, thresholds) for c in discard_reasons(s, n_layers, thresholds))
+        lines.append(f"  position {s.position}, layer {s.layer}: bypass {s.bypass:.3f}, induce {s.induce:.3f}, "
+                     f"KL {s.kl:.4f} - removed by: {why}")
+    # Suggest the smallest relaxations (relative to the thresholds) among the 10 best by bypass score.
+    ranked = sorted(valid[:10], key=lambda s: _relaxation_cost(s, n_layers, thresholds))
+    suggestions = []
+    for s in ranked:
+        relax = _relaxation(s, discard_reasons(s, n_layers, thresholds), n_layers)
+        if len(suggestions) < 3 and relax and relax not in [r for r, _ in suggestions]:
+            suggestions.append((relax, s))
+    lines.append("Relax the thresholds (config keys) to keep one of them, e.g. " + "; or ".join(
+        f"{', '.join(r)} (keeps position {s.position}, layer {s.layer})" for r, s in suggestions) +
+        ". Or choose the direction by hand with --select fixed --layer L --position P.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON (ours and the paper's direction_evaluations.json)
+
+
+def score_to_json(s: CandidateScore) -> dict:
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    return {"position": s.position, "layer": s.layer,
+            "bypass_score": num(s.bypass), "induce_score": num(s.induce), "kl_score": num(s.kl),
+            # the paper's keys, for tools that read direction_evaluations.json
+            "refusal_score": num(s.bypass), "steering_score": num(s.induce), "kl_div_score": num(s.kl)}
+
+
+def scores_to_json(scores: Sequence[CandidateScore]) -> list[dict]:
+    return [score_to_json(s) for s in scores]
+
+
+_KEYS = {"bypass": ("bypass_score", "refusal_score"), "induce": ("induce_score", "steering_score"),
+         "kl": ("kl_score", "kl_div_score")}
+
+
+def scores_from_json(rows: list, source: str = "scores") -> list[CandidateScore]:
+    """Rows in our format or the paper's (``refusal_score``, ``steering_score``, ``kl_div_score``)."""
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "position" not in row or "layer" not in row:
+            raise UserError(f"{source}: entry {i} is not an object with 'position' and 'layer' ({str(row)[:80]})")
+        values = {}
+        for name, keys in _KEYS.items():
+            key = next((k for k in keys if k in row), None)
+            if key is None:
+                raise UserError(f"{source}: entry {i} (position {row['position']}, layer {row['layer']}) has none "
+                                f"of the keys {' / '.join(keys)}; expected our selection scores or the paper's "
+                                "direction_evaluations.json")
+            values[name] = float("nan") if row[key] is None else float(row[key])
+        out.append(CandidateScore(int(row["position"]), int(row["layer"]), **values))
+    return out
+
+
+def load_scores(path: str | Path) -> list[CandidateScore]:
+    """Read candidate scores: a JSON list (ours or the paper's), or our selection.json (key ``scores``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"scores file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"scores file {path} is not valid JSON ({exc})") from exc
+    if isinstance(data, dict) and isinstance(data.get("scores"), list):
+        data = data["scores"]
+    if not isinstance(data, list) or not data:
+        raise UserError(f"scores file {path} holds no list of candidate scores (expected a JSON list like the "
+                        "paper's direction_evaluations.json, or a selection.json)")
+    return scores_from_json(data, str(path))
+
+
+def result_to_json(result: SelectionResult, scores: Sequence[CandidateScore] | None = None) -> dict:
+    """The choice, thresholds, ordered survivors, and every scored candidate with its discard reasons."""
+    reasons = {(s.position, s.layer): r for s, r in result.discarded}
+    all_scores = list(scores) if scores is not None else list(result.survivors) + [s for s, _ in result.discarded]
+    return {
+        "chosen": score_to_json(result.chosen),
+        "thresholds": {"kl_threshold": result.thresholds.kl_threshold,
+                       "induce_threshold": result.thresholds.induce_threshold,
+                       "prune_layer_fraction": result.thresholds.prune_layer_fraction,
+                       "first_pruned_layer": result.max_layer},
+        "n_layers": result.n_layers,
+        "survivors": [{"position": s.position, "layer": s.layer} for s in result.survivors],
+        "scores": [{**score_to_json(s), "discarded": list(reasons.get((s.position, s.layer), ()))}
+                   for s in all_scores],
+    }
+
+
+def select_from_scores_file(
+    path: str | Path, n_layers: int | None = None, thresholds: SelectionThresholds = SelectionThresholds()
+) -> SelectionResult:
+    """Re-run the filters on saved scores (no model needed); ``n_layers`` defaults to max layer + 1."""
+    scores = load_scores(path)
+    if n_layers is None:
+        n_layers = max(s.layer for s in scores) + 1
+        log.info("n_layers not given: assuming %d (largest scored layer + 1)", n_layers)
+    return filter_and_rank(scores, n_layers, thresholds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure
+
+
+def plot_selection_heatmaps(
+    scores: Sequence[CandidateScore],
+    n_layers: int,
+    positions: Sequence[int],
+    path_png: str | Path,
+    chosen: tuple[int, int] | None = None,
+    thresholds: SelectionThresholds = SelectionThresholds(),
+) -> Path:
+    """Three position × layer heatmaps (bypass, induce, KL); ``chosen`` = (position, layer) is starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib import colors
+
+    positions = list(positions)
+    grids = {name: torch.full((len(positions), n_layers), float("nan"), dtype=torch.float64)
+             for name in ("bypass", "induce", "kl")}
+    for s in scores:
+        if s.position in positions and 0 <= s.layer < n_layers:
+            for name in grids:
+                grids[name][positions.index(s.position), s.layer] = getattr(s, name)
+    panels = [
+        ("bypass", "bypass score: refusal metric on harmful, direction ablated (lower = better)", "viridis", None),
+        ("induce", f"induce score: refusal metric on harmless, direction added (kept if >= "
+                   f"{thresholds.induce_threshold})", "viridis", None),
+        ("kl", f"KL(baseline || ablated) on harmless, last position (kept if <= {thresholds.kl_threshold})",
+         "magma", "symlog"),
+    ]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.45 * n_layers + 2), 3 * (0.9 + 0.3 * len(positions))),
+                             constrained_layout=True)
+    first_pruned = thresholds.max_layer(n_layers)
+    for ax, (name, title, cmap, scale) in zip(axes, panels):
+        grid = grids[name].numpy()
+        norm = None
+        if scale == "symlog":
+            finite = grid[np.isfinite(grid)]
+            vmax = float(finite.max()) if finite.size else 1.0
+            norm = colors.SymLogNorm(linthresh=1e-2, vmin=0.0, vmax=max(vmax, 1e-2))
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(len(positions)), [str(p) for p in positions])
+        ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=7)
+        ax.set_ylabel("position")
+        if first_pruned < n_layers:
+            ax.axvline(first_pruned - 0.5, color="white", linestyle="--", linewidth=1)
+        if name == "bypass":
+            kept = [s for s in scores if s.position in positions and not discard_reasons(s, n_layers, thresholds)]
+            ax.plot([s.layer for s in kept], [positions.index(s.position) for s in kept], linestyle="none",
+                    marker="o", markersize=3, color="white")
+        if chosen is not None and chosen[0] in positions:
+            ax.plot(chosen[1], positions.index(chosen[0]), marker="*", color="red", markersize=14,
+                    markeredgecolor="white")
+    axes[-1].set_xlabel("layer (dashed line: first pruned layer; dots: passed the filters; star: chosen)")
+    path_png = Path(path_png)
+    path_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path_png, dpi=120)
+    plt.close(fig)
+    return path_png
+
+
+__all__ = ["CandidateScore", "SelectionThresholds", "SelectionResult", "refusal_token_ids", "default_refusal_ids",
+           "refusal_metric", "refusal_metrics", "filter_validation", "per_row_interventions", "ablate_rows",
+           "score_candidates", "filter_and_rank", "discard_reasons", "scores_to_json", "scores_from_json",
+           "load_scores", "result_to_json", "select_from_scores_file", "plot_selection_heatmaps"]

@@ -1,0 +1,107 @@
+"""End to end on a tiny Gemma saved to disk: every artifact, resume after SIGKILL, stage commands."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny_gemma
+
+TINY_ARGS = ["--n-train", "8", "--n-val", "4", "--n-eval", "6", "--n-harmless-eval", "4", "--max-new-tokens", "8",
+             "--batch-size", "4", "--layer", "1", "--position", "-2", "--device", "cpu"]
+
+
+def cli(*args, check=True, env=None):
+    proc = subprocess.run([sys.executable, "-m", "refusal_direction", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("tiny") / "tiny-gemma")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", out, *TINY_ARGS,
+        "--safety-model", tiny_model_dir.parent / "no-such-guard")
+    return out
+
+
+def test_replicate_writes_every_artifact(tiny_run):
+    for rel in ["config.json", "environment.json", "samples/samples.json", "directions/candidates.safetensors",
+                "directions/candidates.json", "directions/mean_harmful.safetensors", "direction.safetensors",
+                "direction.json", "completions/jailbreakbench__baseline.jsonl",
+                "completions/jailbreakbench__ablation.jsonl", "completions/jailbreakbench__actadd_negative.jsonl",
+                "completions/harmless__baseline.jsonl", "completions/harmless__actadd.jsonl", "capability.json",
+                "summary.json", "report.md", "report.html", "run.log"]:
+        assert (tiny_run / rel).is_file(), rel
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["direction"] == {**summary["direction"], "layer": 1, "position": -2}
+    for cond in ("baseline", "ablation"):
+        c = summary["conditions"][cond]
+        assert c["n"] == 6 and 0 <= c["refusal_score"] <= 1 and len(c["refusal"]["ci95"]) == 2
+        assert c["safety_score"] is None and c["safety_status"].startswith("not computed")
+    records = [json.loads(line) for line in (tiny_run / "completions/jailbreakbench__baseline.jsonl").open()]
+    assert len(records) == 6
+    assert set(records[0]) >= {"id", "category", "instruction", "completion", "refusal"}
+    env = json.loads((tiny_run / "environment.json").read_text())
+    assert env["post_instruction_tokens"] == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
+    assert env["dtype"] == "float32"
+
+
+def test_rerun_skips_completed_stages(tiny_run, tiny_model_dir, data_dir):
+    before = (tiny_run / "completions/jailbreakbench__baseline.jsonl").stat().st_mtime_ns
+    cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", tiny_run, *TINY_ARGS,
+        "--safety-model", tiny_model_dir.parent / "no-such-guard")
+    assert (tiny_run / "completions/jailbreakbench__baseline.jsonl").stat().st_mtime_ns == before
+
+
+def test_report_rebuilds_without_model(tiny_run):
+    (tiny_run / "report.md").unlink()
+    cli("report", tiny_run, env={"HF_HUB_OFFLINE": "1"})
+    assert (tiny_run / "report.md").is_file()
+
+
+def test_foreign_config_is_refused(tiny_run, tiny_model_dir, data_dir):
+    args = [a if a != "8" else "9" for a in TINY_ARGS]
+    proc = cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", tiny_run, *args, check=False)
+    assert proc.returncode == 2 and "different configuration" in proc.stderr
+
+
+def _comparable(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("timings", None)
+    files = {p.name: p.read_text() for p in sorted((run / "completions").glob("*.jsonl"))}
+    return {"summary": summary, "completions": files}
+
+
+def test_sigkill_mid_generation_then_resume_gives_identical_results(tiny_model_dir, data_dir, tmp_path):
+    args = ["--model", tiny_model_dir, "--data-dir", data_dir, "--no-safety", *TINY_ARGS]
+    args[args.index("--max-new-tokens") + 1] = "48"
+    args[args.index("--batch-size") + 1] = "1"
+    cli("replicate", "--out", tmp_path / "clean", *args)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "refusal_direction", "replicate", "--out", str(killed),
+                             *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((killed / "completions").glob("*.jsonl")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = list((killed / "completions").glob("*.jsonl"))
+    assert done and not (killed / "summary.json").exists(), "the kill should land mid-generation"
+    for p in killed.rglob("*"):  # every file is complete or absent (temporary files are never trusted)
+        if p.is_file() and p.suffix == ".jsonl" and not p.name.startswith(".tmp-"):
+            [json.loads(line) for line in p.open()]
+    cli("replicate", "--out", killed, *args)
+    assert _comparable(killed) == _comparable(tmp_path / "clean")
