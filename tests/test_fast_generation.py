@@ -104,6 +104,14 @@ def test_split_batches_give_the_same_tokens(lm):
     assert split.tokens == whole.tokens
 
 
+def test_reading_only_the_filled_cache_slots_gives_the_same_tokens(lm):
+    prompts = prompt_ids(lm, INSTRUCTIONS)
+    ivs = conditions(lm)[:2]
+    full = generate_fast_ids(lm, prompts, ivs, 20, [], force_tokens=True)
+    windowed = generate_fast_ids(lm, prompts, ivs, 20, [], force_tokens=True, kv_window=8)
+    assert windowed.tokens == full.tokens
+
+
 def test_model_is_left_as_it_was(lm):
     enc = lm.tokenize(INSTRUCTIONS)
     before = lm.model(**enc).logits

@@ -15,12 +15,21 @@ TINY_ARGS = ["--n-train", "8", "--n-val", "4", "--n-eval", "6", "--n-harmless-ev
              "--batch-size", "4", "--layer", "1", "--position", "-2", "--device", "cpu"]
 
 
-def cli(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, "-m", "refusal_direction", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args, check=True):
+    """Run the CLI in-process (no torch re-import per call)."""
+    from typer.testing import CliRunner
+
+    from refusal_direction.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if check and r.exit_code != 0:
+        raise AssertionError(f"exit {r.exit_code}\n{r.output}") from r.exception
+    return Result(r.exit_code, r.stdout, r.output)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +38,18 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_model_dir, data_dir, tmp_path_factory):
+def guard_dir(tmp_path_factory):
+    from guard_fixtures import save_tiny_guard
+
+    return save_tiny_guard(tmp_path_factory.mktemp("guard") / "tiny-guard")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, guard_dir, data_dir, tmp_path_factory):
+    """A whole replication on a tiny Gemma, a tiny random Llama standing in for Llama Guard 2."""
     out = tmp_path_factory.mktemp("run") / "run"
     cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", out, *TINY_ARGS,
-        "--safety-model", tiny_model_dir.parent / "no-such-guard")
+        "--safety-model", guard_dir)
     return out
 
 
@@ -49,25 +66,56 @@ def test_replicate_writes_every_artifact(tiny_run):
     for cond in ("baseline", "ablation"):
         c = summary["conditions"][cond]
         assert c["n"] == 6 and 0 <= c["refusal_score"] <= 1 and len(c["refusal"]["ci95"]) == 2
-        assert c["safety_score"] is None and c["safety_status"].startswith("not computed")
+        assert c["safety_status"] == "computed" and 0 <= c["safety_score"] <= 1
+        lo, hi = c["safety"]["ci95"]
+        assert lo <= c["safety_score"] <= hi
+        table = c["judge_agreement"]
+        assert table["both_1"] + table["a1_b0"] + table["a0_b1"] + table["both_0"] == 6 and "kappa" in table
+    assert summary["paired_tests"]["ablation_vs_baseline"]["safety"]["method"] == "exact"
+    for path in (tiny_run / "completions").glob("*.jsonl"):
+        for r in map(json.loads, path.open()):
+            assert r["safety"] in (0, 1) and 0 <= r["p_unsafe"] <= 1
     records = [json.loads(line) for line in (tiny_run / "completions/jailbreakbench__baseline.jsonl").open()]
     assert len(records) == 6
     assert set(records[0]) >= {"id", "category", "instruction", "completion", "refusal"}
+    assert "Judge agreement" in (tiny_run / "report.md").read_text() or "κ" in (tiny_run / "report.md").read_text()
     env = json.loads((tiny_run / "environment.json").read_text())
     assert env["post_instruction_tokens"] == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
     assert env["dtype"] == "float32"
 
 
-def test_rerun_skips_completed_stages(tiny_run, tiny_model_dir, data_dir):
+def test_rerun_skips_completed_stages(tiny_run, tiny_model_dir, guard_dir, data_dir):
     before = (tiny_run / "completions/jailbreakbench__baseline.jsonl").stat().st_mtime_ns
     cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", tiny_run, *TINY_ARGS,
-        "--safety-model", tiny_model_dir.parent / "no-such-guard")
+        "--safety-model", guard_dir)
     assert (tiny_run / "completions/jailbreakbench__baseline.jsonl").stat().st_mtime_ns == before
+
+
+def test_score_file_with_guard(tiny_run, guard_dir):
+    r = cli("score", tiny_run / "completions/jailbreakbench__ablation.jsonl", "--safety-model", guard_dir, "--json")
+    result = json.loads(r.stdout)
+    assert result["safety_status"] == "computed" and result["safety"]["n"] == 6
+    assert all(item["safety"] in (0, 1) for item in result["items"])
+    assert "kappa" in result["judge_agreement"]
+
+
+def test_guard_unavailable_run_completes_and_says_why(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    cli("score", copy, "--force", "--safety-model", tmp_path / "no-such-guard")
+    summary = json.loads((copy / "summary.json").read_text())
+    status = summary["conditions"]["baseline"]["safety_status"]
+    assert summary["conditions"]["baseline"]["safety_score"] is None and status.startswith("not computed: ")
+    assert "no-such-guard" in status or "does not exist" in status
+    r = cli("score", copy, "--force", "--require-safety", "--safety-model", tmp_path / "no-such-guard", check=False)
+    assert r.returncode == 2
 
 
 def test_report_rebuilds_without_model(tiny_run):
     (tiny_run / "report.md").unlink()
-    cli("report", tiny_run, env={"HF_HUB_OFFLINE": "1"})
+    cli("report", tiny_run)
     assert (tiny_run / "report.md").is_file()
 
 

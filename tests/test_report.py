@@ -234,9 +234,14 @@ def test_selection_heatmaps_are_included_when_present(tmp_path):
                             {"position": -1, "layer": 5, "bypass_score": 1.0, "discarded": ["kl too high"]}]}
     paths = build_report(summary, completions, tmp_path, selection=selection)
     md = paths["report.md"].read_text()
-    assert "](figures/selection_heatmaps.png)" in md
+    main, appendix = md.split('<div class="appendix"')
+    assert "](figures/selection_heatmaps.png)" in main  # 4 x 1.2 in: small enough for the main part
     assert "from 2 candidates (1 passed the filters); chosen scores: bypass -4.2, induce 6.1, KL 0.05" in md
     assert paths["report.html"].read_text().count("data:image/png;base64,") == 2  # scores + selection
+    Image.new("RGB", (1212, 864), "white").save(tmp_path / "figures" / "selection_heatmaps.png", dpi=(120, 120))
+    md = build_report(summary, completions, tmp_path)["report.md"].read_text()
+    main, appendix = md.split('<div class="appendix"')
+    assert "selection_heatmaps.png" not in main and "## Appendix: direction selection" in appendix
 
 
 def test_direction_geometry_recovers_planted_direction():

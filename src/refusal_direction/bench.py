@@ -132,7 +132,7 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
             model = GemmaForCausalLM(GemmaConfig(**spec.config))
     finally:
         torch.set_default_dtype(old)
-    model.to(torch_dtype).eval().requires_grad_(False)
+    model.eval().requires_grad_(False)  # no .to(dtype): rotary inv_freq stays float32, as from_pretrained leaves it
     lm = id_model(model, f"{shape} (random weights)", spec.prefix_ids, spec.suffix_ids, spec.special_ids,
                   pad=0, bos=2, eos=1, first_body_id=spec.first_body_id)
     lm.dtype_reason = reason
@@ -223,12 +223,12 @@ def paper_generate(lm: LoadedModel, instructions: Sequence[str], intervention: I
 
 
 def fast_generate(lm: LoadedModel, instructions: Sequence[str], interventions: Sequence[Intervention],
-                  new_tokens: int, decode: str = "auto") -> tuple[FastResult, float]:
+                  new_tokens: int, decode: str = "auto", **kwargs) -> tuple[FastResult, float]:
     """`generate_fast_ids` forced to ``new_tokens``, timed end to end (tokenizing to tokens on the host)."""
     _sync(lm)
     t0 = time.perf_counter()
     result = generate_fast_ids(lm, prompt_ids(lm, instructions), interventions, new_tokens, [],
-                               force_tokens=True, decode=decode)
+                               force_tokens=True, decode=decode, **kwargs)
     _sync(lm)
     return result, time.perf_counter() - t0
 
@@ -289,7 +289,6 @@ def measure_ceilings(device: torch.device) -> dict:
     dtype = torch.bfloat16 if gpu else torch.float32
     a, b = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
     mm_s = _time(lambda: a @ b, device, 10 if gpu else 3)
-    del x, y, a, b
     return {"copy_bandwidth_GBps": 2 * n * 2 / copy_s / 1e9, "matmul_TFLOPs": 2 * m ** 3 / mm_s / 1e12,
             "matmul_dtype": str(dtype).removeprefix("torch."), "measured_on": "random data, median of repeats"}
 
@@ -381,8 +380,8 @@ def describe_environment(lm: LoadedModel) -> dict:
     device = lm.device
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "device_type": device.type, "torch": torch.__version__, "transformers": transformers.__version__,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "dtype": str(lm.dtype).removeprefix("torch."),
-            "dtype_reason": lm.dtype_reason}
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "dtype": str(lm.dtype).removeprefix("torch."), "dtype_reason": lm.dtype_reason}
 
 
 @torch.no_grad()
@@ -540,8 +539,8 @@ def format_report(r: dict) -> str:
     ]
     for name, a in r["agreement"].items():
         lines.append(f"agreement with (a) [{name}]: {a['identical_rows']}/{a['rows']} rows identical, "
-                     f"{a['token_agreement']:.1%} of tokens, first divergence at token {a['mean_first_divergence']:.0f} "
-                     f"on average")
+                     f"{a['token_agreement']:.1%} of tokens, first divergence at token "
+                     f"{a['mean_first_divergence']:.0f} on average")
     act = r["activations"]
     lines.append(f"activations: mean resid_pre of {act['prompts']} prompts, {act['layers']} layers x "
                  f"{act['positions']} positions: {act['seconds']:.2f}s (target {act['target_s']:.0f}s)")

@@ -74,6 +74,7 @@ def orthogonalize_weights_(
     the hooks and exists only to demonstrate the trap in tests.
     """
     model, blocks = _model_and_blocks(lm_or_model)
+    check_dense(model)
     d_model = int(model.config.get_text_config().hidden_size)
     vector = direction.vector if isinstance(direction, Direction) else direction
     if vector.shape != (d_model,):
@@ -107,6 +108,33 @@ def orthogonalize_weights_(
                 edited.append(names[id(module.bias)])
     log.info("orthogonalized %d tensors against r̂%s", len(edited), " (lm_head untied first)" if untied else "")
     return EditedWeights(tuple(edited), untied)
+
+
+def check_dense(model: nn.Module) -> None:
+    """Refuse models whose weights are not plain floating-point tensors (still quantized)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    packed = bool(getattr(quantizer, "packed_modules", None))
+    if quantizer is not None and (not _is_gguf(method) or packed) or any(
+            not p.is_floating_point() for p in model.parameters()):
+        raise UserError(f"the model's weights are quantized ({method}); orthogonalization needs dense weights. "
+                        "Load it unquantized (a GGUF file: dequantized, e.g. --dtype float32 on CPU) and retry")
+
+
+def _is_gguf(method) -> bool:
+    return str(getattr(method, "value", method)).lower() == "gguf"
+
+
+def _drop_gguf_quantizer_(model: nn.Module) -> None:
+    """A dequantized GGUF model is dense but still carries its (unserializable) GGUF quantizer; drop it."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    log.info("saving the dequantized GGUF weights as a plain safetensors checkpoint")
 
 
 def _model_and_blocks(lm_or_model: LoadedModel | nn.Module):
@@ -279,6 +307,7 @@ def export_model(
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, force)
+    check_dense(lm.model)
     run_info = dict(run_info or {})
     if any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules()):
         raise UserError("the model has forward hooks attached (export_model called inside apply_intervention?); "
@@ -287,6 +316,7 @@ def export_model(
     log.info("copying %s for export (a second copy of the weights on %s)", lm.model_id, lm.device)
     model = copy.deepcopy(lm.model)
     edited = orthogonalize_weights_(model, direction)
+    _drop_gguf_quantizer_(model)
     info = _provenance(lm, direction, edited, run_info)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +365,9 @@ def _provenance(lm: LoadedModel, direction: Direction, edited: EditedWeights, ru
     from . import __version__
 
     vec = direction.vector.double().cpu().contiguous()
-    gguf = str(lm.model_id).endswith(".gguf")
+    quantizer = getattr(lm.model, "hf_quantizer", None)
+    gguf = str(lm.model_id).endswith(".gguf") or _is_gguf(
+        getattr(getattr(quantizer, "quantization_config", None), "quant_method", None))
     return {
         "tool": "refusal-direction",
         "tool_version": __version__,
@@ -556,5 +588,5 @@ def _track_projection(lm: LoadedModel, r_hat: torch.Tensor, stats: dict) -> Iter
             h.remove()
 
 
-__all__ = ["EditedWeights", "orthogonalize_weights_", "untie_embeddings_", "find_residual_writers",
+__all__ = ["EditedWeights", "orthogonalize_weights_", "check_dense", "untie_embeddings_", "find_residual_writers",
            "export_model", "read_export_info", "load_exported", "verify_export", "EXPORT_INFO"]

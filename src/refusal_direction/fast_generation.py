@@ -43,6 +43,7 @@ CHECK_EVERY = 16  # decode steps between host checks of "every row has stopped"
 WARMUP_STEPS = 2  # eager decode steps before graph capture (cuBLAS/allocator warm-up, on a side stream)
 FOLDED_SDPA = "refusal_direction_folded_sdpa"  # name registered with transformers' AttentionInterface
 DECODE_MODES = ("auto", "cuda-graph", "compile", "eager")
+KV_WINDOW = None  # attention reads the cache up to the next multiple of this many slots (None: all slots)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -81,6 +82,7 @@ def generate_fast(
     force_tokens: bool = False,
     decode: str = "auto",
     max_rows: int | None = None,
+    kv_window: int | None = KV_WINDOW,
 ) -> dict[str, list[Generated]]:
     """Greedy completions of ``instructions`` under every intervention at once: {intervention name: list}.
 
@@ -92,7 +94,8 @@ def generate_fast(
     prompts = prompt_ids(lm, instructions)
     try:
         result = generate_fast_ids(lm, prompts, interventions, settings.max_new_tokens, eos,
-                                   force_tokens=force_tokens, decode=decode, max_rows=max_rows, progress=progress)
+                                   force_tokens=force_tokens, decode=decode, max_rows=max_rows, progress=progress,
+                                   kv_window=kv_window)
     except FastPathUnsupported as exc:
         log.warning("fast generation is not available for %s (%s); falling back to HF generate per condition",
                     lm.model_id, exc)
@@ -122,11 +125,14 @@ def generate_fast_ids(
     decode: str = "auto",
     max_rows: int | None = None,
     progress: bool = False,
+    kv_window: int | None = KV_WINDOW,
 ) -> FastResult:
     """The fast path on token ids (no tokenizer needed). Raises `FastPathUnsupported` for unsupported models."""
     names = [iv.name for iv in interventions]
     if len(set(names)) != len(names):
         raise ValueError(f"intervention names must be unique to share a batch, got {names}")
+    if kv_window is not None and kv_window < 1:
+        raise ValueError(f"kv_window={kv_window} must be a positive number of cache slots or None")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if any(len(p) == 0 for p in prompts):
@@ -141,7 +147,8 @@ def generate_fast_ids(
     stats: list[FastStats] = []
 
     def step(chunk):
-        out, st = generate_chunk(lm, chunk, interventions, max_new_tokens, stop, force_tokens, mode, progress)
+        out, st = generate_chunk(lm, chunk, interventions, max_new_tokens, stop, force_tokens, mode, progress,
+                                 kv_window)
         stats.append(st)
         return out
 
@@ -280,6 +287,28 @@ def folded_gqa_attention(model: torch.nn.Module) -> Iterator[bool]:
 # One batch
 
 
+class _Window:
+    """How many leading cache slots attention reads (a Python int: each value gets its own graph)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+
+def read_first_slots(cache, window: _Window) -> None:
+    """Make every static cache layer hand attention only its first ``window.limit`` slots.
+
+    A static cache returns all ``max_cache_len`` slots at every step, so attention reads (masked) empty
+    slots; reading up to the next multiple of ``kv_window`` instead cuts the KV bytes read per step.
+    """
+    for layer in cache.layers:
+        def update(key_states, value_states, *args, _update=layer.update, **kwargs):
+            keys, values = _update(key_states, value_states, *args, **kwargs)  # [batch, h_kv, max_cache_len, d]
+            return keys[:, :, :window.limit], values[:, :, :window.limit]
+
+        layer.update = update
+        layer.get_mask_sizes = lambda query_length, *args: (window.limit, 0)
+
+
 class _Decoder:
     """Static buffers of the single-token decode step; their addresses never change, so it can be captured."""
 
@@ -314,6 +343,7 @@ def generate_chunk(
     force_tokens: bool,
     mode: str,
     progress: bool = False,
+    kv_window: int | None = None,
 ) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
     """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
     from transformers import StaticCache
@@ -333,7 +363,8 @@ def generate_chunk(
     prompt_mask = mask[:, :length]
     position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # [rows, length], as HF generate
     condition = torch.arange(rows, device=device) // n_prompts
-    switches = [(condition == c).float() for c in range(n_cond)]  # [rows] each: 1 where the intervention applies
+    # [rows] each, in the model's dtype (no conversion kernel per hook call): 1 where the intervention applies
+    switches = [(condition == c).to(lm.dtype) for c in range(n_cond)]
     stop_t = torch.tensor(sorted(set(stop)) or [-1], dtype=torch.long, device=device)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     notes: list[str] = []
@@ -347,8 +378,18 @@ def generate_chunk(
         for iv, switch in zip(interventions, switches):
             stack.enter_context(apply_intervention(lm, iv, rows=switch))
         t0 = time.perf_counter()
+        window = _Window(cache_len)
+
+        def reads_for(n_produced: int) -> int:  # cache slots read when the token at length + n_produced - 1 is fed
+            if not kv_window:
+                return cache_len
+            return min(cache_len, -(-(length + n_produced) // kv_window) * kv_window)
+
         try:
             cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            if kv_window:
+                read_first_slots(cache, window)
+                window.limit = min(cache_len, -(-length // kv_window) * kv_window)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
                            use_cache=True, **keep).logits  # [rows, 1 or length, vocab]
         except (TypeError, ValueError, NotImplementedError, AttributeError, KeyError) as exc:
@@ -358,51 +399,67 @@ def generate_chunk(
         sync()
         prefill_s = time.perf_counter() - t0
 
-        if mode in ("cuda-graph", "compile") and not all(type(layer).__name__ == "StaticLayer" for layer in cache.layers):
+        plain_layers = all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
+        if mode in ("cuda-graph", "compile") and not plain_layers:
             notes.append("sliding-window cache layers keep a Python counter: decoded without CUDA graphs")
             mode = "eager"
+        if mode == "cuda-graph" and max_new_tokens <= 1 + WARMUP_STEPS:
+            mode = "eager"
         produced, capture_s = 1, 0.0
-        run = dec.step
         t0 = time.perf_counter()
         bar = _bar(progress, max_new_tokens)
-        if mode == "cuda-graph" and max_new_tokens > 1 + WARMUP_STEPS:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    dec.step()
-                    produced += 1
-            torch.cuda.current_stream(device).wait_stream(side)
-            t1 = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    dec.step()
-                run = graph.replay
-            except Exception as exc:  # e.g. a host sync inside the model's forward
-                log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
-                notes.append(f"CUDA graph capture failed: {type(exc).__name__}")
-                mode = "eager"
-            capture_s = time.perf_counter() - t1
-        elif mode == "compile":
+        bar.update(1)
+        compiled = None
+        if mode == "compile":
             for buf in (dec.ids, dec.position, dec.tokens, dec.index, dec.done, dec.mask):
                 torch._dynamo.mark_static_address(buf)
             compiled = torch.compile(dec.step, mode="reduce-overhead")
-            t1 = time.perf_counter()
-            compiled()
-            produced += 1
-            sync()
-            capture_s = time.perf_counter() - t1
-            run = compiled
-        elif mode == "cuda-graph":
-            mode = "eager"
-        bar.update(produced)
+        graphs: dict[int, object] = {}  # cache slots read -> replay of the graph captured for them
+        pool = None
         while produced < max_new_tokens:
-            run()
+            window.limit = reads_for(produced)
+            run = graphs.get(window.limit)
+            if run is None and mode == "cuda-graph":
+                warm = WARMUP_STEPS if not graphs else 1  # real steps, eager, on a side stream
+                left = min(window.limit - length, max_new_tokens - 1) - produced + 1  # steps with this many reads
+                if left > warm + 1:
+                    side = torch.cuda.Stream(device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        for _ in range(warm):
+                            dec.step()
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    produced += warm
+                    bar.update(warm)
+                    t1 = time.perf_counter()
+                    graph = torch.cuda.CUDAGraph()
+                    try:
+                        with torch.cuda.graph(graph, pool=pool):
+                            dec.step()
+                        pool, run = graph.pool(), graph.replay
+                        graphs[window.limit] = run
+                    except Exception as exc:  # e.g. a host sync inside the model's forward
+                        log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+                        notes.append(f"CUDA graph capture failed: {type(exc).__name__}")
+                        mode = "eager"
+                    capture_s += time.perf_counter() - t1
+            if run is None and compiled is not None:
+                run = compiled
+                if produced == 1:  # the first call compiles: count it as capture time
+                    t1 = time.perf_counter()
+                    run()
+                    sync()
+                    capture_s += time.perf_counter() - t1
+                    produced += 1
+                    bar.update(1)
+                    continue
+            (run or dec.step)()
             produced += 1
             bar.update(1)
             if not force_tokens and produced % CHECK_EVERY == 0 and bool(dec.done.all()):
                 break
+        if kv_window:
+            notes.append(f"attention reads the cache up to the next multiple of {kv_window} slots")
         tokens = dec.tokens[:, :produced].cpu()  # [rows, produced]
         decode_s = time.perf_counter() - t0 - capture_s
         bar.close()

@@ -37,8 +37,7 @@ class Generated:
 
 
 def stop_ids(lm: LoadedModel, settings: GenerationSettings) -> list[int]:
-    ids = lm.end_of_turn_ids()
-    return ids if settings.stop_at_end_of_turn else ids[:1]
+    return lm.end_of_turn_ids() if settings.stop_at_end_of_turn else lm.eos_ids()
 
 
 def greedy_config(lm: LoadedModel, max_new_tokens: int, eos: list[int]):

@@ -100,11 +100,22 @@ class LoadedModel:
         """Chat-format and tokenize a batch, left-padded: ``input_ids``, ``attention_mask`` [batch, seq]."""
         return tokenize_prompts(self.tokenizer, [self.format(x) for x in instructions], self.device)
 
-    def end_of_turn_ids(self) -> list[int]:
-        """Token ids that end an assistant turn: eos plus the template's end-of-turn token if any."""
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids: the tokenizer's eos plus the model's generation-config eos (what HF
+        ``generate`` stops at by default; Qwen's GGUF: ``<|endoftext|>`` and ``<|im_end|>``)."""
         ids = []
         if self.tokenizer.eos_token_id is not None:
             ids.append(int(self.tokenizer.eos_token_id))
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+        return ids
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Token ids that end an assistant turn: eos ids plus the template's end-of-turn token if any."""
+        ids = self.eos_ids()
         first = self.post_instruction_ids[0]
         if first in set(self.tokenizer.all_special_ids) and first not in ids:
             ids.append(first)

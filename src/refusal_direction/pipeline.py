@@ -540,12 +540,13 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
     for cond, records in completions.items():
         dataset_key, _ = CONDITION_FILES[cond]
         refusal = [r["refusal"] for r in records]
-        safety = [r.get("safety") for r in records]
-        has_safety = safety_status.get("computed") and all(s is not None for s in safety)
+        judged = [r for r in records if r.get("safety") is not None]  # unparsable guard answers excluded
+        safety = [r["safety"] for r in judged]
+        has_safety = bool(safety_status.get("computed") and judged)
         cats = [r.get("category") for r in records]
         per_cat = {k: {"refusal": v} for k, v in per_category(refusal, cats).items()}
         if has_safety:
-            for k, v in per_category(safety, cats).items():
+            for k, v in per_category(safety, [r.get("category") for r in judged]).items():
                 per_cat[k]["safety"] = v
         iv = condition_intervention(cond, Direction(torch.zeros(1), direction_meta["layer"],
                                                     direction_meta["position"]), c.actadd_coeff)
@@ -562,7 +563,8 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
             "mean_completion_tokens": sum(r["n_tokens"] for r in records) / max(1, len(records)),
             f"refusal_first_{c.refusal_first_n_tokens}_tokens": rate([r["refusal_first_n"] for r in records]),
             "stopped_fraction": sum(bool(r["stopped"]) for r in records) / max(1, len(records)),
-            "judge_agreement": agreement_table(refusal, safety) if has_safety else None,
+            "safety_unparsed": len(records) - len(judged) if has_safety else None,
+            "judge_agreement": agreement_table([r["refusal"] for r in judged], safety) if has_safety else None,
             "capability": capability.get(cond),
         }
     tests = {}
@@ -572,7 +574,9 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
             rb = [r["refusal"] for r in completions[b]]
             entry = {"refusal": mcnemar(ra, rb), "safety": None}
             if conditions[a]["safety"] and conditions[b]["safety"]:
-                entry["safety"] = mcnemar([r["safety"] for r in completions[a]], [r["safety"] for r in completions[b]])
+                pairs = [(x["safety"], y["safety"]) for x, y in zip(completions[a], completions[b])
+                         if x.get("safety") is not None and y.get("safety") is not None]
+                entry["safety"] = mcnemar([x for x, _ in pairs], [y for _, y in pairs])
             tests[f"{b}_vs_{a}"] = entry
     timings_path = run.out / "timings.json"
     env_path = run.out / "environment.json"

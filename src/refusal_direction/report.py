@@ -37,6 +37,8 @@ N_DISAGREEMENTS = 3
 MIN_EXAMPLES, MAX_EXAMPLES = 5, 10
 FIG_DPI = 200
 FULL_WIDTH_IN = 6.9  # A4 text width with 14 mm margins is 7.17 in
+PRINT_WIDTH_IN = 7.17
+MAX_MAIN_FIGURE_HEIGHT_IN = 3.3  # taller selection heatmaps go to the appendix (the main part stays <= 2 pages)
 REFERENCE_SETTINGS = {"model": "google/gemma-2b-it", "max_new_tokens": 512, "stop_at_end_of_turn": False}
 
 CONDITION_ORDER = ("baseline", "ablation", "actadd_negative", "harmless_baseline", "harmless_actadd")
@@ -102,9 +104,13 @@ def build_report(
         if geometry.get("proj_harmful") is not None:
             written[FIGURE_FILES["projections"]] = plot_projections(geometry, out_dir / FIGURE_FILES["projections"])
             figures["projections"] = FIGURE_FILES["projections"]
-    if (out_dir / FIGURE_FILES["selection_heatmaps"]).is_file():  # drawn by selection.plot_selection_heatmaps
-        figures["selection_heatmaps"] = FIGURE_FILES["selection_heatmaps"]
-        written[FIGURE_FILES["selection_heatmaps"]] = out_dir / FIGURE_FILES["selection_heatmaps"]
+    heatmaps = out_dir / FIGURE_FILES["selection_heatmaps"]
+    if heatmaps.is_file():  # drawn by selection.plot_selection_heatmaps; too tall for the main part -> appendix
+        height = _print_height_in(heatmaps.read_bytes())
+        key = "selection_heatmaps" if height is not None and height <= MAX_MAIN_FIGURE_HEIGHT_IN \
+            else "selection_heatmaps_appendix"
+        figures[key] = FIGURE_FILES["selection_heatmaps"]
+        written[FIGURE_FILES["selection_heatmaps"]] = heatmaps
 
     markdown = render_markdown(summary, completions, figures=figures, selection=selection, geometry=geometry)
     written["report.md"] = atomic_write_text(out_dir / "report.md", markdown)
@@ -141,7 +147,7 @@ def render_markdown(
         _generation_section(summary),
         _direction_section(summary, figures, geometry),
         _comparison_section(summary),
-        _appendix(summary, completions),
+        _appendix(completions, figures),
     ]
     return "\n\n".join(p.strip() for p in parts if p and p.strip()) + "\n"
 
@@ -231,7 +237,7 @@ def _results_section(summary: dict, completions: dict[str, list[dict]], figures:
     judge = safety_judge_text(summary)
     note = ("Refusal score: share of completions containing a refusal phrase (substring match). "
             + ("Safety score: share judged safe by the safety judge. " if not judge.startswith("not computed")
-               else f"Safety score {_inline(judge)}. ")
+               else "Safety score: not computed (reason under Settings). ")
             + "Intervals: 95% Wilson. Paper columns give refusal / safety from the released gemma-2b-it run "
             "and from the task text.")
     out = ["## Results", "", *rows, "", note]
@@ -445,8 +451,11 @@ def _comparison_section(summary: dict) -> str:
     return "## Comparison with the paper\n\n" + " ".join(text)
 
 
-def _appendix(summary: dict, completions: dict[str, list[dict]]) -> str:
+def _appendix(completions: dict[str, list[dict]], figures: dict[str, str]) -> str:
     blocks = []
+    if "selection_heatmaps_appendix" in figures:
+        blocks += ["## Appendix: direction selection",
+                   f"![Direction selection scores]({figures['selection_heatmaps_appendix']})"]
     pairs = [("baseline", "ablation", "Harmful prompts: baseline vs. directional ablation", MIN_EXAMPLES),
              ("harmless_baseline", "harmless_actadd", "Harmless prompts: baseline vs. act-add +r", 3)]
     for left, right, title, k_min in pairs:
@@ -456,6 +465,11 @@ def _appendix(summary: dict, completions: dict[str, list[dict]]) -> str:
                                k_max=MAX_EXAMPLES if left == "baseline" else k_min)
         if not chosen:
             continue
+        if not any(b.startswith("## Appendix: example") for b in blocks):
+            blocks.append("## Appendix: example completions\n\n"
+                          f"**Content note:** completions are truncated to {EXAMPLE_CHARS} characters (line breaks "
+                          "shown as ↵) because they may contain harmful text. One prompt per category, preferring "
+                          "prompts where the two conditions disagree on refusal.")
         blocks.append(f"### {title}")
         for i, (a, b) in enumerate(chosen, 1):
             cat = f"{_inline(a['category'])}: " if a.get("category") else ""
@@ -465,12 +479,8 @@ def _appendix(summary: dict, completions: dict[str, list[dict]]) -> str:
                           f"| {_inline(_truncate(b.get('completion', ''), EXAMPLE_CHARS))} |")
     if not blocks:
         return ""
-    head = ['<div class="appendix" style="page-break-before: always; break-before: page;"></div>', "",
-            "## Appendix: example completions", "",
-            f"**Content note:** completions are truncated to {EXAMPLE_CHARS} characters (line breaks shown as ↵) "
-            "because they may contain harmful text. One prompt per category, preferring prompts where the two "
-            "conditions disagree on refusal."]
-    return "\n".join(head) + "\n\n" + "\n\n".join(blocks)
+    page_break = '<div class="appendix" style="page-break-before: always; break-before: page;"></div>'
+    return page_break + "\n\n" + "\n\n".join(blocks)
 
 
 def example_pairs(left: list[dict], right: list[dict], k_min: int = MIN_EXAMPLES, k_max: int = MAX_EXAMPLES
@@ -556,12 +566,23 @@ def render_html(markdown_text: str, base_dir: str | Path, title: str = "Refusal 
 
 def _print_width_in(png: bytes) -> float | None:
     """Width in inches at the PNG's own DPI, so figure text prints at its designed point size."""
+    size = _png_size_in(png)
+    return size[0] if size else None
+
+
+def _print_height_in(png: bytes) -> float | None:
+    """Printed height in inches once the width is capped at the A4 text width."""
+    size = _png_size_in(png)
+    return size[1] * min(1.0, PRINT_WIDTH_IN / size[0]) if size else None
+
+
+def _png_size_in(png: bytes) -> tuple[float, float] | None:
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(png)) as im:
-            dpi = im.info.get("dpi", (FIG_DPI, FIG_DPI))[0] or FIG_DPI
-            return im.width / float(dpi)
+            dpi = float(im.info.get("dpi", (FIG_DPI, FIG_DPI))[0] or FIG_DPI)
+            return im.width / dpi, im.height / dpi
     except Exception:  # an unreadable image still gets embedded, at its natural size
         return None
 

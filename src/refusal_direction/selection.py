@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -155,7 +155,7 @@ def refusal_metric(logits_last: torch.Tensor, refusal_ids: Sequence[int]) -> tor
 
 
 def _metric_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
-    ids = torch.as_tensor(list(refusal_ids), device=logprobs.device)
+    ids = _to_device(list(refusal_ids), logprobs.device)
     p = logprobs.index_select(-1, ids).exp().sum(-1)  # [batch] float64
     return torch.log(p + EPS) - torch.log(1.0 - p + EPS)
 
@@ -194,7 +194,7 @@ def per_row_interventions(
                 handles.append(site.attn_out.register_forward_hook(output_hook(fn_ablate)))
                 handles.append(site.mlp_out.register_forward_hook(output_hook(fn_ablate)))
         if add_vectors is not None:
-            layers = torch.as_tensor(list(add_layers), device=add_vectors.device)  # [batch]
+            layers = _to_device(list(add_layers), add_vectors.device)  # [batch]
             for layer in sorted(set(add_layers) - {-1}):
                 vec = torch.where((layers == layer).unsqueeze(-1), add_vectors, 0)  # [batch, d]
 
@@ -226,21 +226,39 @@ def _tokenize_each(lm: LoadedModel, instructions: Sequence[str]) -> list[list[in
     return lm.tokenizer([lm.format(x) for x in instructions], add_special_tokens=False)["input_ids"]
 
 
+def _to_device(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host list as a device tensor; on CUDA through pinned memory, so the copy does not wait
+    for queued kernels (a plain copy would synchronise the stream and stall the pipeline)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n, width = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    """Left-padded ``input_ids`` and ``attention_mask`` [batch, max_len], as tokenize_prompts makes them."""
+    width = max(len(s) for s in seqs)
+    ids = [[pad_id] * (width - len(s)) + list(s) for s in seqs]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
+    return _to_device(ids, device), _to_device(mask, device)
 
 
 def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """Next-token logits after each prompt: [batch, vocab] in the model's dtype."""
     input_ids, mask = _left_pad(seqs, lm.tokenizer.pad_token_id, lm.device)
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(lm.model)) else {}
-    out = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs)
+    if not _accepts_logits_to_keep(type(lm.model)):
+        return lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, -1, :]
+    # logits_to_keep=1 hands the LM head a strided view [batch, 1, d]; on CUDA that runs as a batched
+    # matrix-vector product that re-reads the whole unembedding per row (measured on an H200 at
+    # gemma-2b shape, 1024 rows: 239 ms vs 1.5 ms). A contiguous copy makes it one matrix product.
+    head = lm.model.get_output_embeddings()
+    handle = None if head is None else \
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        out = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    finally:
+        if handle is not None:
+            handle.remove()
     return out.logits[:, -1, :]
 
 
@@ -289,14 +307,6 @@ def filter_validation(
 
 # --------------------------------------------------------------------------------------------------
 # Scoring all candidates
-
-
-@dataclass(frozen=True)
-class _Row:
-    kind: int  # BYPASS (harmful, ablated) | INDUCE (harmless, added) | KL (harmless, ablated)
-    candidate: int  # index into the candidate list
-    prompt: int  # index into the harmful or harmless prompt list
-    length: int = field(compare=False)
 
 
 def default_max_batch_rows(lm: LoadedModel) -> int:
@@ -351,37 +361,37 @@ def score_candidates(
         torch.log_softmax(_last_logits(lm, harmless_ids[i:i + max_batch_rows]).double(), dim=-1)
         for i in range(0, len(harmless_ids), max_batch_rows)])  # [n_harmless, vocab] float64
 
+    # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
     rows = []
     for c in range(len(keys)):
         if ablatable[c]:
-            rows += [_Row(BYPASS, c, i, len(s)) for i, s in enumerate(harmful_ids)]
-            rows += [_Row(KL, c, i, len(s)) for i, s in enumerate(harmless_ids)]
+            rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
+            rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
         if finite[c]:
-            rows += [_Row(INDUCE, c, i, len(s)) for i, s in enumerate(harmless_ids)]
-    rows.sort(key=lambda r: r.length)  # similar lengths share a batch: little padding
+            rows += [(len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids)]
+    rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
 
-    def step(batch: Sequence[_Row]) -> list[float]:
-        seqs = [(harmful_ids if r.kind == BYPASS else harmless_ids)[r.prompt] for r in batch]
-        cand = torch.tensor([r.candidate for r in batch], device=lm.device)
-        ablated = torch.tensor([r.kind != INDUCE for r in batch], device=lm.device)
-        dirs = torch.where(ablated.unsqueeze(-1), unit_dirs[cand], 0)  # [batch, d]
-        add_layers = [keys[r.candidate][1] if r.kind == INDUCE else -1 for r in batch]
-        has_add = any(x >= 0 for x in add_layers)
-        with per_row_interventions(lm, dirs if bool(ablated.any()) else None,
-                                   add_vecs[cand] if has_add else None, add_layers):
+    def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
+        _, kinds, cands, prompts = zip(*batch)
+        seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
+        cand = _to_device(list(cands), lm.device)
+        ablate = [k != INDUCE for k in kinds]
+        dirs = unit_dirs[cand] * _to_device(ablate, lm.device, lm.dtype).unsqueeze(-1)  # [batch, d]
+        add_layers = [keys[c][1] if k == INDUCE else -1 for k, c in zip(kinds, cands)]
+        with per_row_interventions(lm, dirs if any(ablate) else None,
+                                   add_vecs[cand] if max(add_layers) >= 0 else None, add_layers):
             logits = _last_logits(lm, seqs)  # [batch, vocab]
-        kinds = torch.tensor([r.kind for r in batch], device=lm.device)
-        prompts = torch.tensor([r.prompt for r in batch], device=lm.device)
-        return _row_values(logits, kinds, prompts, base_logp, refusal_ids).tolist()
+        kl_rows = [i for i, k in enumerate(kinds) if k == KL]
+        metric_rows = [i for i, k in enumerate(kinds) if k != KL]
+        values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
+        return values.unbind()  # one 0-d device tensor per row: no host sync per batch
 
-    values = run_batched(step, rows, max_batch_rows, "selection", progress)
+    values = torch.stack(run_batched(step, rows, max_batch_rows, "selection", progress)).cpu()  # [n_rows]
 
-    sums = torch.zeros(len(keys), 3, dtype=torch.float64)
-    counts = torch.zeros(len(keys), 3, dtype=torch.float64)
-    for r, v in zip(rows, values):
-        sums[r.candidate, r.kind] += v
-        counts[r.candidate, r.kind] += 1
-    means = sums / counts  # 0/0 = NaN for candidates that were not scored
+    slot = torch.tensor([c * 3 + k for _, k, c, _ in rows])  # candidate-major (candidate, kind) cell
+    sums = torch.zeros(len(keys) * 3, dtype=torch.float64).index_add_(0, slot, values)
+    counts = torch.bincount(slot, minlength=len(keys) * 3).double()
+    means = (sums / counts).view(len(keys), 3)  # 0/0 = NaN for candidates that were not scored
     scores = [CandidateScore(p, layer, float(means[c, BYPASS]), float(means[c, INDUCE]), float(means[c, KL]))
               for c, (p, layer) in enumerate(keys)]
     log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows) in %.2fs", len(keys),
@@ -389,19 +399,18 @@ def score_candidates(
     return scores
 
 
-def _row_values(logits, kinds, prompts, base_logp, refusal_ids) -> torch.Tensor:
-    """Per row: refusal metric (BYPASS, INDUCE rows) or KL(baseline ‖ row) (KL rows): [batch] float64 CPU."""
+def _row_values(logits, metric_rows, kl_rows, kl_prompts, base_logp, refusal_ids) -> torch.Tensor:
+    """Refusal metric of ``metric_rows``, KL(baseline ‖ row) of ``kl_rows``: [batch] float64, on device."""
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
-    for s in range(0, logits.shape[0], REDUCE_ROWS):
-        e = s + REDUCE_ROWS
-        logp = torch.log_softmax(logits[s:e].double(), dim=-1)  # [rows, vocab]
-        values = _metric_from_logprobs(logp, refusal_ids)
-        is_kl = kinds[s:e] == KL
-        if bool(is_kl.any()):
-            base = base_logp[prompts[s:e][is_kl]]  # [n_kl, vocab]
-            values[is_kl] = (base.exp() * (base - logp[is_kl])).sum(-1)
-        out[s:e] = values
-    return out.cpu()
+    for s in range(0, len(metric_rows), REDUCE_ROWS):
+        idx = _to_device(metric_rows[s:s + REDUCE_ROWS], logits.device)
+        out[idx] = refusal_metric(logits[idx], refusal_ids)
+    for s in range(0, len(kl_rows), REDUCE_ROWS):
+        idx = _to_device(kl_rows[s:s + REDUCE_ROWS], logits.device)
+        base = base_logp[_to_device(kl_prompts[s:s + REDUCE_ROWS], logits.device)]  # [rows, vocab]
+        logp = torch.log_softmax(logits[idx].double(), dim=-1)
+        out[idx] = (base.exp() * (base - logp)).sum(-1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
