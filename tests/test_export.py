@@ -11,6 +11,7 @@ from refusal_direction.directions import Direction
 from refusal_direction.errors import UserError
 from refusal_direction.export import (
     EXPORT_INFO,
+    direction_digest,
     export_model,
     orthogonalize_weights_,
     read_export_info,
@@ -114,6 +115,7 @@ def test_export_readme_provenance_and_out_dir_rules(lm, direction, tmp_path):
     info = json.loads((out / EXPORT_INFO).read_text())
     assert info == read_export_info(out)
     assert info["direction"]["layer"] == 1 and info["direction"]["position"] == -2
+    assert info["direction"]["sha256_float64"] == direction_digest(direction)
     assert info["untied_lm_head"] is True and info["run"]["run_dir"] == "runs/abc"
     assert not list(tmp_path.glob("*.tmp-*"))
 

@@ -178,8 +178,11 @@ def test_cuda_graph_path_gives_the_tokens_of_hf_generate_fp32():
     lm.model.to("cuda")
     settings = GenerationSettings(max_new_tokens=40, batch_size=4, stop_at_end_of_turn=True)
     ivs = conditions(lm)
-    res = generate_fast_ids(lm, prompt_ids(lm, INSTRUCTIONS), ivs, 40, [1, 5], decode="cuda-graph")
+    prompts = prompt_ids(lm, INSTRUCTIONS)
+    res = generate_fast_ids(lm, prompts, ivs, 40, [1, 5], decode="cuda-graph")
     assert res.stats.decode == "cuda-graph"
+    windowed = generate_fast_ids(lm, prompts, ivs, 40, [1, 5], decode="cuda-graph", kv_window=16)
+    assert windowed.stats.decode == "cuda-graph" and windowed.tokens == res.tokens
     fast = generate_fast(lm, INSTRUCTIONS, ivs, settings)
     for iv in ivs:
         ref = generate_hf(lm, INSTRUCTIONS, iv, settings)
@@ -188,11 +191,13 @@ def test_cuda_graph_path_gives_the_tokens_of_hf_generate_fp32():
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_equals_eager_decode_bf16():
+@pytest.mark.parametrize("kv_window", [None, 16])
+def test_cuda_graph_decode_equals_eager_decode_bf16(kv_window):
     lm = tiny_gemma(n_layers=3, hidden=64, seed=0)
     lm.model.to("cuda", torch.bfloat16)
     prompts = prompt_ids(lm, INSTRUCTIONS)
-    graph = generate_fast_ids(lm, prompts, conditions(lm), 48, [], force_tokens=True, decode="cuda-graph")
-    eager = generate_fast_ids(lm, prompts, conditions(lm), 48, [], force_tokens=True, decode="eager")
+    kw = {"force_tokens": True, "kv_window": kv_window}
+    graph = generate_fast_ids(lm, prompts, conditions(lm), 48, [], decode="cuda-graph", **kw)
+    eager = generate_fast_ids(lm, prompts, conditions(lm), 48, [], decode="eager", **kw)
     assert graph.stats.decode == "cuda-graph" and eager.stats.decode == "eager"
     assert graph.tokens == eager.tokens

@@ -153,3 +153,14 @@ def test_sigkill_mid_generation_then_resume_gives_identical_results(tiny_model_d
             [json.loads(line) for line in p.open()]
     cli("replicate", "--out", killed, *args)
     assert _comparable(killed) == _comparable(tmp_path / "clean")
+
+
+def test_export_and_verify_export_commands(tiny_run, tmp_path):
+    out = tmp_path / "exported"
+    cli("export", "--run", tiny_run, "--out", out)
+    assert (out / "config.json").is_file() and "research" in (out / "README.md").read_text().lower()
+    r = cli("verify-export", "--run", tiny_run, "--model-dir", out, "--n-prompts", "3", "--max-new-tokens", "8",
+            "--json")
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["ok"] and result["max_abs_logit_diff"] <= 1e-4 and result["agreement"] == 1.0
+    assert cli("export", "--run", tiny_run, "--out", out, check=False).returncode == 2  # no silent overwrite

@@ -1,6 +1,7 @@
 """Direction selection: the metric, batched scoring = naive per-candidate loop, the paper's filtering."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -90,15 +91,21 @@ def _close(a, b):
     return abs(a - b) <= 1e-4 + 1e-5 * abs(b)
 
 
-def test_batched_scores_equal_naive_loop(tiny_lm, setup):
+def test_batched_scores_equal_naive_loop(tiny_lm, setup, caplog):
+    caplog.set_level(logging.INFO, logger="refusal_direction.selection")
     candidates, ids = setup
     naive = _naive_scores(tiny_lm, candidates, HARMFUL, HARMLESS, ids)
-    # 13 rows per forward: batches mix kinds, candidates and prompt lengths
-    fast = score_candidates(tiny_lm, candidates, HARMFUL, HARMLESS, refusal_ids=ids, max_batch_rows=13)
-    assert [(s.position, s.layer) for s in fast] == [(s.position, s.layer) for s in naive]
-    for f, n in zip(fast, naive):
-        for name in ("bypass", "induce", "kl"):
-            assert _close(getattr(f, name), getattr(n, name)), (f, n, name)
+    # 13 rows per forward: batches mix kinds, candidates and prompt lengths; induce rows either start
+    # from the baseline's block input (share_prefix) or run the whole model with per-row additions
+    for share_prefix in (True, False):
+        fast = score_candidates(tiny_lm, candidates, HARMFUL, HARMLESS, refusal_ids=ids, max_batch_rows=13,
+                                share_prefix=share_prefix)
+        assert [(s.position, s.layer) for s in fast] == [(s.position, s.layer) for s in naive]
+        for f, n in zip(fast, naive):
+            for name in ("bypass", "induce", "kl"):
+                assert _close(getattr(f, name), getattr(n, name)), (share_prefix, f, n, name)
+        assert ("induce rows from shared prefixes" in caplog.text) == share_prefix  # no silent fallback
+        caplog.clear()
     # layer 0: every prompt has the same embedding at a post-instruction position -> zero direction -> NaN
     assert all(math.isnan(s.bypass) and math.isnan(s.kl) for s in fast if s.layer == 0)
     real = [s for s in fast if s.layer > 0]

@@ -282,11 +282,15 @@ def verify_export_cmd(
 
         from . import pipeline
         from .directions import load_direction
-        from .export import load_exported, verify_export
+        from .export import direction_digest, load_exported, read_export_info, verify_export
 
         run = pipeline.open_run(run_dir, _overrides(device=device))
         setup_logging(None, quiet=json_out)
         direction = load_direction(run.direction_path, model_id=run.config.model)
+        info = read_export_info(model_dir)
+        if info.get("direction", {}).get("sha256_float64") not in (None, direction_digest(direction)):
+            raise UserError(f"{model_dir} was exported with a different direction than {run_dir}'s; verify it "
+                            "against the run it was exported from")
         samples = pipeline.stage_samples(run)
         lm = run.lm
         exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)

@@ -44,6 +44,7 @@ WARMUP_STEPS = 2  # eager decode steps before graph capture (cuBLAS/allocator wa
 FOLDED_SDPA = "refusal_direction_folded_sdpa"  # name registered with transformers' AttentionInterface
 DECODE_MODES = ("auto", "cuda-graph", "compile", "eager")
 KV_WINDOW = None  # attention reads the cache up to the next multiple of this many slots (None: all slots)
+SDPA_BACKENDS = None  # torch SDPA backends allowed, e.g. ("efficient", "math") (None: torch's choice)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -126,6 +127,7 @@ def generate_fast_ids(
     max_rows: int | None = None,
     progress: bool = False,
     kv_window: int | None = KV_WINDOW,
+    sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
 ) -> FastResult:
     """The fast path on token ids (no tokenizer needed). Raises `FastPathUnsupported` for unsupported models."""
     names = [iv.name for iv in interventions]
@@ -148,7 +150,7 @@ def generate_fast_ids(
 
     def step(chunk):
         out, st = generate_chunk(lm, chunk, interventions, max_new_tokens, stop, force_tokens, mode, progress,
-                                 kv_window)
+                                 kv_window, sdpa_backends)
         stats.append(st)
         return out
 
@@ -344,6 +346,7 @@ def generate_chunk(
     mode: str,
     progress: bool = False,
     kv_window: int | None = None,
+    sdpa_backends: Sequence[str] | None = None,
 ) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
     """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
     from transformers import StaticCache
@@ -375,6 +378,13 @@ def generate_chunk(
     with contextlib.ExitStack() as stack:
         if stack.enter_context(folded_gqa_attention(model)):
             notes.append("grouped-query attention folded into query rows")
+        if sdpa_backends:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+            stack.enter_context(sdpa_kernel([names[b] for b in sdpa_backends]))
+            notes.append(f"SDPA backends: {', '.join(sdpa_backends)}")
         for iv, switch in zip(interventions, switches):
             stack.enter_context(apply_intervention(lm, iv, rows=switch))
         t0 = time.perf_counter()

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-8  # added inside both logs of the refusal metric, so p = 0 or 1 stays finite
 REDUCE_ROWS = 256  # rows per float64 log-softmax (bounds memory at large vocabularies)
+PREFIX_GROUP_ROWS = None  # induce rows per shared-prefix group (None: max_batch_rows)
 
 # Row kinds of the batched sweep.
 BYPASS, INDUCE, KL = 0, 1, 2
@@ -166,8 +167,8 @@ def _metric_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[int]) ->
 
 def ablate_rows(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     """x - (x·r̂_b) r̂_b for each row b: x [batch, seq, d], r_hat [batch, d] unit (zero row = no-op)."""
-    proj = torch.einsum("bsd,bd->bs", x, r_hat)  # [batch, seq]
-    return torch.addcmul(x, proj.unsqueeze(-1), r_hat.unsqueeze(1), value=-1)
+    proj = torch.bmm(x, r_hat.unsqueeze(-1))  # [batch, seq, 1]
+    return torch.baddbmm(x, proj, r_hat.unsqueeze(1), alpha=-1)  # one pass over x (an outer product per row)
 
 
 @contextlib.contextmanager
@@ -262,6 +263,107 @@ def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor
     return out.logits[:, -1, :]
 
 
+# --------------------------------------------------------------------------------------------------
+# Shared prefixes: an activation addition at block l leaves blocks 0..l-1 as in the baseline, so the
+# induce rows start from the baseline's block-l input instead of running the whole model.
+
+
+@dataclass(frozen=True, eq=False)
+class _Prefix:
+    """A baseline forward pass of ``batch`` prompts: every block's input and call arguments."""
+
+    resid: list[torch.Tensor]  # per block: input hidden states [batch, seq, d_model]
+    calls: list[tuple[tuple, dict]]  # per block: positional arguments after hidden_states, keyword arguments
+    batch: int
+
+
+def _capture_prefix(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, _Prefix]:
+    """Last-position logits [batch, vocab] of an unintervened forward pass, and its _Prefix."""
+    resid: list = [None] * lm.n_layers
+    calls: list = [None] * lm.n_layers
+
+    def make_hook(layer: int):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            x = args[0] if args else kwargs.pop("hidden_states")
+            resid[layer] = x.detach().clone()
+            calls[layer] = (tuple(args[1:]), kwargs)
+        return hook
+
+    handles = [site.block.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, site in enumerate(lm.blocks)]
+    try:
+        logits = _last_logits(lm, seqs)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, _Prefix(resid, calls, len(seqs))
+
+
+def _select_rows(obj, rows: torch.Tensor, batch: int):
+    """Index the batch dimension of every per-row tensor in a block's call arguments."""
+    if isinstance(obj, torch.Tensor):
+        return obj.index_select(0, rows) if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_select_rows(o, rows, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _select_rows(v, rows, batch) for k, v in obj.items()}
+    return obj
+
+
+def _replay(lm: LoadedModel, prefix: _Prefix, prompts: Sequence[int], starts: Sequence[int],
+            vectors: torch.Tensor) -> torch.Tensor:
+    """Last-position logits [n, vocab] of row i = prompt ``prompts[i]`` of ``prefix`` with ``vectors[i]``
+    added at block ``starts[i]``'s input; blocks before ``starts[i]`` are not recomputed."""
+    order = sorted(range(len(prompts)), key=lambda i: starts[i])
+    h, active, nxt = None, [], 0
+    for layer in range(starts[order[0]], lm.n_layers):
+        joining = []
+        while nxt < len(order) and starts[order[nxt]] == layer:
+            joining.append(order[nxt])
+            nxt += 1
+        if joining:
+            x = prefix.resid[layer].index_select(0, _to_device([prompts[i] for i in joining], lm.device))
+            x = x + vectors.index_select(0, _to_device(joining, lm.device)).unsqueeze(1)  # [n_join, seq, d]
+            h = x if h is None else torch.cat([h, x])
+            active += joining
+            rows = _to_device([prompts[i] for i in active], lm.device)
+        args, kwargs = prefix.calls[layer]
+        out = lm.blocks[layer].block(h, *_select_rows(args, rows, prefix.batch),
+                                     **_select_rows(kwargs, rows, prefix.batch))
+        h = out[0] if isinstance(out, tuple) else out
+    logits = lm.model.get_output_embeddings()(lm.final_norm(h[:, -1:, :]).contiguous())[:, -1, :]
+    cap = getattr(lm.model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    out = torch.empty_like(logits)
+    out[_to_device(active, lm.device)] = logits
+    return out
+
+
+def _replay_matches(lm: LoadedModel, prefix: _Prefix, logits: torch.Tensor) -> bool:
+    """Whether replaying the baseline from block 0 reproduces the model's own logits (checks that the
+    block arguments, the final norm and the head were found right for this architecture)."""
+    if lm.final_norm is None or lm.model.get_output_embeddings() is None:
+        return False
+    n = prefix.batch
+    try:
+        replayed = _replay(lm, prefix, list(range(n)), [0] * n, torch.zeros(n, lm.d_model, device=lm.device,
+                                                                            dtype=lm.dtype))
+    except Exception as exc:  # any architecture surprise: fall back to full forward passes
+        log.info("shared-prefix replay unavailable for %s (%s: %s); using full forward passes",
+                 lm.model_id, type(exc).__name__, exc)
+        return False
+    ref = logits.float()
+    err = float((replayed.float() - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm().clamp_min(1e-30))
+    if err > 5e-2:
+        log.info("shared-prefix replay does not reproduce %s's logits (relative error %.3g); using full "
+                 "forward passes", lm.model_id, err)
+        return False
+    log.debug("shared-prefix replay check: relative logit error %.3g", err)
+    return True
+
+
 @torch.no_grad()
 def refusal_metrics(
     lm: LoadedModel,
@@ -323,9 +425,13 @@ def score_candidates(
     layers: Sequence[int] | None = None,
     max_batch_rows: int | None = None,
     progress: bool = False,
+    share_prefix: bool = True,
 ) -> list[CandidateScore]:
     """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
 
+    ``max_batch_rows``: (candidate, prompt) rows per forward pass (default 512 on CUDA, 64 on CPU; halved
+    on CUDA out-of-memory). ``share_prefix``: start the induce rows from the baseline's input of their
+    block (checked once against the model's own logits; falls back to full passes if they differ).
     Returned in position-major order (position, then layer), like the paper's file.
     """
     if not harmful_val or not harmless_val:
@@ -357,19 +463,35 @@ def score_candidates(
                  "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
 
     harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
-    base_logp = torch.cat([
-        torch.log_softmax(_last_logits(lm, harmless_ids[i:i + max_batch_rows]).double(), dim=-1)
-        for i in range(0, len(harmless_ids), max_batch_rows)])  # [n_harmless, vocab] float64
+
+    # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
+    # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
+    by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
+    group_size = max(1, (PREFIX_GROUP_ROWS or max_batch_rows) // max(1, len(keys))) if share_prefix else max_batch_rows
+    groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
+    prefixes, base_parts = [], []
+    for group in groups:
+        seqs = [harmless_ids[i] for i in group]
+        logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
+        if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
+            share_prefix = False
+        prefixes.append(prefix if share_prefix else None)
+        base_parts.append(torch.log_softmax(logits.double(), dim=-1))
+    base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
+    base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
+    group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
 
     # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
-    rows = []
+    rows, replay_rows = [], []
     for c in range(len(keys)):
         if ablatable[c]:
             rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
             rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
         if finite[c]:
-            rows += [(len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids)]
+            (replay_rows if share_prefix else rows).extend(
+                (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
     rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
+    replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
 
     def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
         _, kinds, cands, prompts = zip(*batch)
@@ -386,7 +508,20 @@ def score_candidates(
         values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
         return values.unbind()  # one 0-d device tensor per row: no host sync per batch
 
-    values = torch.stack(run_batched(step, rows, max_batch_rows, "selection", progress)).cpu()  # [n_rows]
+    def replay_step(batch: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        out = []
+        for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
+            part = [r for r in batch if group_of[r[3]][0] == g]
+            cand = _to_device([r[2] for r in part], lm.device)
+            logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
+                             add_vecs[cand])
+            out += refusal_metric(logits, refusal_ids).unbind()
+        return out
+
+    values = run_batched(step, rows, max_batch_rows, "selection", progress)
+    values += run_batched(replay_step, replay_rows, max_batch_rows, "selection (induce)", progress)
+    values = torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)  # [n_rows]
+    rows += replay_rows
 
     slot = torch.tensor([c * 3 + k for _, k, c, _ in rows])  # candidate-major (candidate, kind) cell
     sums = torch.zeros(len(keys) * 3, dtype=torch.float64).index_add_(0, slot, values)
@@ -394,8 +529,9 @@ def score_candidates(
     means = (sums / counts).view(len(keys), 3)  # 0/0 = NaN for candidates that were not scored
     scores = [CandidateScore(p, layer, float(means[c, BYPASS]), float(means[c, INDUCE]), float(means[c, KL]))
               for c, (p, layer) in enumerate(keys)]
-    log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows) in %.2fs", len(keys),
-             len(harmful_val), len(harmless_val), len(rows), time.perf_counter() - t0)
+    log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows%s) in %.2fs", len(keys),
+             len(harmful_val), len(harmless_val), len(rows),
+             ", induce rows from shared prefixes" if share_prefix else "", time.perf_counter() - t0)
     return scores
 
 
