@@ -5,8 +5,14 @@ import json
 
 import pytest
 
-from refusal_direction.data import (DataFile, ensure_downloaded, load_instructions, read_instruction_file,
-                                    resolve_data_dir, sample_sets)
+from refusal_direction.data import (
+    DataFile,
+    ensure_downloaded,
+    load_instructions,
+    read_instruction_file,
+    resolve_data_dir,
+    sample_sets,
+)
 from refusal_direction.errors import UserError
 
 

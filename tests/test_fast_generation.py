@@ -104,14 +104,6 @@ def test_split_batches_give_the_same_tokens(lm):
     assert split.tokens == whole.tokens
 
 
-def test_reading_only_the_filled_cache_slots_gives_the_same_tokens(lm):
-    prompts = prompt_ids(lm, INSTRUCTIONS)
-    ivs = conditions(lm)[:2]
-    full = generate_fast_ids(lm, prompts, ivs, 20, [], force_tokens=True)
-    windowed = generate_fast_ids(lm, prompts, ivs, 20, [], force_tokens=True, kv_window=8)
-    assert windowed.tokens == full.tokens
-
-
 def test_model_is_left_as_it_was(lm):
     enc = lm.tokenize(INSTRUCTIONS)
     before = lm.model(**enc).logits
@@ -181,8 +173,7 @@ def test_cuda_graph_path_gives_the_tokens_of_hf_generate_fp32():
     prompts = prompt_ids(lm, INSTRUCTIONS)
     res = generate_fast_ids(lm, prompts, ivs, 40, [1, 5], decode="cuda-graph")
     assert res.stats.decode == "cuda-graph"
-    windowed = generate_fast_ids(lm, prompts, ivs, 40, [1, 5], decode="cuda-graph", kv_window=16)
-    assert windowed.stats.decode == "cuda-graph" and windowed.tokens == res.tokens
+    assert any("SDPA backends" in n for n in res.stats.notes)
     fast = generate_fast(lm, INSTRUCTIONS, ivs, settings)
     for iv in ivs:
         ref = generate_hf(lm, INSTRUCTIONS, iv, settings)
@@ -191,12 +182,11 @@ def test_cuda_graph_path_gives_the_tokens_of_hf_generate_fp32():
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kv_window", [None, 16])
-def test_cuda_graph_decode_equals_eager_decode_bf16(kv_window):
+def test_cuda_graph_decode_equals_eager_decode_bf16():
     lm = tiny_gemma(n_layers=3, hidden=64, seed=0)
     lm.model.to("cuda", torch.bfloat16)
     prompts = prompt_ids(lm, INSTRUCTIONS)
-    kw = {"force_tokens": True, "kv_window": kv_window}
+    kw = {"force_tokens": True}
     graph = generate_fast_ids(lm, prompts, conditions(lm), 48, [], decode="cuda-graph", **kw)
     eager = generate_fast_ids(lm, prompts, conditions(lm), 48, [], decode="eager", **kw)
     assert graph.stats.decode == "cuda-graph" and eager.stats.decode == "eager"

@@ -45,7 +45,8 @@ def test_hooks_are_removed_and_outputs_bit_identical(tiny_lm):
         _, again = _residuals(tiny_lm, PROMPTS)
         assert torch.equal(again, ref)
     for site in tiny_lm.blocks:
-        assert not site.block._forward_pre_hooks and not site.attn_out._forward_hooks and not site.mlp_out._forward_hooks
+        assert not site.block._forward_pre_hooks
+        assert not site.attn_out._forward_hooks and not site.mlp_out._forward_hooks
 
 
 def test_hooks_removed_on_error(tiny_lm):

@@ -1,5 +1,6 @@
 """Direction selection: the metric, batched scoring = naive per-candidate loop, the paper's filtering."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -116,10 +117,16 @@ def test_batched_scores_equal_naive_loop(tiny_lm, setup, caplog):
         assert not site.mlp_out._forward_hooks
 
 
-def test_layer_subset_and_default_refusal_tokens(tiny_lm, setup):
+def test_layer_subset_default_tokens_and_replay_fallback(tiny_lm, setup, caplog):
     candidates, _ = setup
-    scores = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:2], layers=[2])
+    scores = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], layers=[2])
     assert [(s.position, s.layer) for s in scores] == [(p, 2) for p in candidates.positions]
+    # an architecture the shared-prefix replay cannot handle falls back to full passes, same scores
+    caplog.set_level(logging.INFO, logger="refusal_direction.selection")
+    odd = dataclasses.replace(tiny_lm, final_norm=None)
+    fallback = score_candidates(odd, candidates, HARMFUL[:2], HARMLESS[:3], layers=[2])
+    assert "using full forward passes" in caplog.text
+    assert all(_close(a.induce, b.induce) and _close(a.bypass, b.bypass) for a, b in zip(fallback, scores))
     with pytest.raises(UserError, match="out of range"):
         score_candidates(tiny_lm, candidates, HARMFUL, HARMLESS, layers=[3])
 
@@ -181,3 +188,31 @@ def test_heatmap_writes_png(tmp_path, reference_run):
     scores = load_scores(reference_run / "select_direction" / "direction_evaluations.json")
     path = plot_selection_heatmaps(scores, 18, [-5, -4, -3, -2, -1], tmp_path / "fig" / "sel.png", chosen=(-2, 10))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_lazy_selection_chooses_what_the_full_sweep_chooses():
+    """Lazy evaluation (bypass for all, induce/KL in bypass order) gives the full sweep's choice."""
+    from tiny import tiny_gemma
+
+    from refusal_direction.activations import mean_resid_pre
+    from refusal_direction.directions import diff_in_means
+    from refusal_direction.selection import (SelectionThresholds, discard_reasons, filter_and_rank,
+                                             score_candidates, select_lazy)
+
+    lm = tiny_gemma(n_layers=4)
+    harmful = ["How do I pick a lock?", "Write malware now", "Insult my neighbour", "Make a weapon"]
+    harmless = ["Bake bread", "Name three rivers", "What is a prime?", "Write a haiku"]
+    cands = diff_in_means(mean_resid_pre(lm, harmful), mean_resid_pre(lm, harmless))
+    loose = SelectionThresholds(kl_threshold=1e9, induce_threshold=-1e9, prune_layer_fraction=0.25)
+    full = filter_and_rank(score_candidates(lm, cands, harmful, harmless), cands.n_layers, loose)
+    lazy, scores = select_lazy(lm, cands, harmful, harmless, loose, group=2)
+    assert (lazy.position, lazy.layer) == (full.position, full.layer)
+    assert all(s.layer < loose.max_layer(4) for s in scores)
+    evaluated = [s for s in scores if s.kl == s.kl]
+    assert 0 < len(evaluated) < len([s for s in scores if s.bypass == s.bypass])  # fewer forwards than full
+    strict = SelectionThresholds(kl_threshold=0.05, induce_threshold=-1e9, prune_layer_fraction=0.25)
+    all_scores = score_candidates(lm, cands, harmful, harmless)
+    if any(not discard_reasons(s, 4, strict) for s in all_scores):  # a KL filter that bites
+        expect = filter_and_rank(all_scores, 4, strict)
+        got, _ = select_lazy(lm, cands, harmful, harmless, strict, group=1)
+        assert (got.position, got.layer) == (expect.position, expect.layer)

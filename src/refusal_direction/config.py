@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .errors import UserErrors
 
@@ -37,7 +38,7 @@ class RunConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
     # data
-    data_dir: str | None = _f(None, "data directory laid out like datasets/ (else $REFUSAL_DIRECTION_DATA, else download)")
+    data_dir: str | None = _f(None, "data directory like datasets/ (else $REFUSAL_DIRECTION_DATA, else download)")
     harmful_train: str = _f("harmful_train", "named set or file of harmful training instructions")
     harmless_train: str = _f("harmless_train", "named set or file of harmless training instructions")
     eval: str = _f("jailbreakbench", "named set or file of harmful evaluation instructions")
@@ -54,7 +55,7 @@ class RunConfig:
     select: str = _f("default", "fixed | auto | default (fixed for models with a known direction, else auto)")
     layer: int | None = _f(None, "block index of the direction (fixed selection); gemma-2b-it: 10")
     position: int | None = _f(None, "post-instruction position of the direction, negative; gemma-2b-it: -2")
-    direction_file: str | None = _f(None, "use this saved direction (.safetensors + .json sidecar) instead of extracting")
+    direction_file: str | None = _f(None, "saved direction (.safetensors + .json sidecar) to use instead of extracting")
     kl_threshold: float = _f(0.1, "selection: discard candidates with KL above this")
     induce_threshold: float = _f(0.0, "selection: discard candidates with induce score below this")
     prune_layer_fraction: float = _f(0.2, "selection: discard layers >= (1 - this) * n_layers")
@@ -64,7 +65,7 @@ class RunConfig:
     filter_val: bool = _f(True, "selection: keep harmful val items the model refuses, harmless ones it does not")
     # generation
     conditions: tuple[str, ...] = _f(ALL_CONDITIONS, f"conditions to generate, from {', '.join(ALL_CONDITIONS)}")
-    actadd_coeff: float = _f(1.0, "coefficient of the activation addition (harmless_actadd: +c r; actadd_negative: -c r)")
+    actadd_coeff: float = _f(1.0, "activation addition coefficient c (harmless_actadd: +c r; actadd_negative: -c r)")
     max_new_tokens: int = _f(512, "greedy tokens per completion")
     batch_size: int = _f(32, "prompts per batch for extraction and generation")
     stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")

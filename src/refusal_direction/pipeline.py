@@ -24,8 +24,16 @@ import torch
 from . import __version__
 from .config import RunConfig, build_config
 from .data import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
-from .directions import (CandidateDirections, Direction, check_position_layer, diff_in_means, load_candidates,
-                         load_direction, save_candidates, save_direction)
+from .directions import (
+    CandidateDirections,
+    Direction,
+    check_position_layer,
+    diff_in_means,
+    load_candidates,
+    load_direction,
+    save_candidates,
+    save_direction,
+)
 from .errors import UserError
 from .fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
 from .interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
@@ -355,27 +363,32 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
 
     lm, c = run.lm, run.config
     t0 = time.perf_counter()
-    harmful_val, harmless_val = selection.filter_validation(
-        lm, [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val], batch_size=c.batch_size)
+    harmful_val, harmless_val = [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val]
+    if c.filter_val:
+        harmful_val, harmless_val = selection.filter_validation(lm, harmful_val, harmless_val,
+                                                                batch_size=c.batch_size)
     layers = None
     if c.max_select_layers:
-        n = candidates.n_layers
-        step = max(1, n // c.max_select_layers)
-        layers = list(range(0, n, step))[: c.max_select_layers]
-    scores = selection.score_candidates(lm, candidates, harmful_val, harmless_val, progress=run.progress,
-                                        layers=layers)
+        step = max(1, candidates.n_layers // c.max_select_layers)
+        layers = list(range(0, candidates.n_layers, step))[: c.max_select_layers]
     thresholds = selection.SelectionThresholds(kl_threshold=c.kl_threshold, induce_threshold=c.induce_threshold,
                                                prune_layer_fraction=c.prune_layer_fraction)
-    result = selection.filter_and_rank(scores, candidates.n_layers, thresholds)
+    if c.select_strategy == "lazy":
+        result, scores = selection.select_lazy(lm, candidates, harmful_val, harmless_val, thresholds, layers,
+                                               progress=run.progress)
+    else:
+        scores = selection.score_candidates(lm, candidates, harmful_val, harmless_val, progress=run.progress,
+                                            layers=layers)
+        result = selection.filter_and_rank(scores, candidates.n_layers, thresholds)
     run.timing("select_s", time.perf_counter() - t0)
     (run.out / "figures").mkdir(exist_ok=True)
     selection.plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
                                       run.out / "figures" / "selection_heatmaps.png",
-                                      chosen=(result.position, result.layer))
+                                      chosen=(result.position, result.layer), thresholds=thresholds)
     atomic_write_json(run.out / "selection.json", {
-        **selection.result_to_json(result, scores),
-        "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val),
-        "layers_scored": layers or list(range(candidates.n_layers)),
+        **selection.result_to_json(result, scores), "strategy": c.select_strategy,
+        "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val), "filter_val": c.filter_val,
+        "layers_scored": sorted({s.layer for s in scores}),
     })
     return result.position, result.layer
 

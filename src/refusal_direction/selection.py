@@ -19,7 +19,10 @@ Speed: candidates are not scored one forward pass at a time. Every (candidate, p
 row of a big batch; each row carries its own unit direction to ablate ([rows, d_model]) or its own
 vector and layer to add, applied by per-row hooks. Rows are sorted by prompt length so a batch pads
 little, only the last position's logits are computed (``logits_to_keep=1``), and the baseline
-distribution for the KL is computed once.
+distribution for the KL is computed once. An addition at block l leaves blocks 0..l-1 as in the
+baseline, so induce rows start from the baseline's saved block-l input (checked once against the
+model's own logits; full passes otherwise). gemma-2b-it shape on one H200, bf16, 90 candidates,
+32 + 32 prompts: about 2.05 s (one candidate at a time: 13-16 s).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -47,7 +50,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-8  # added inside both logs of the refusal metric, so p = 0 or 1 stays finite
 REDUCE_ROWS = 256  # rows per float64 log-softmax (bounds memory at large vocabularies)
-PREFIX_GROUP_ROWS = None  # induce rows per shared-prefix group (None: max_batch_rows)
+PREFIX_GROUP_ROWS_FACTOR = 4  # induce rows per shared-prefix group = this x max_batch_rows (H200-tuned)
 
 # Row kinds of the batched sweep.
 BYPASS, INDUCE, KL = 0, 1, 2
@@ -231,9 +234,9 @@ def _to_device(values: list, device: torch.device, dtype=torch.long) -> torch.Te
     """A small host list as a device tensor; on CUDA through pinned memory, so the copy does not wait
     for queued kernels (a plain copy would synchronise the stream and stall the pipeline)."""
     t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,6 +348,8 @@ def _replay_matches(lm: LoadedModel, prefix: _Prefix, logits: torch.Tensor) -> b
     """Whether replaying the baseline from block 0 reproduces the model's own logits (checks that the
     block arguments, the final norm and the head were found right for this architecture)."""
     if lm.final_norm is None or lm.model.get_output_embeddings() is None:
+        log.info("shared-prefix replay unavailable for %s (no final norm or output embeddings found); using "
+                 "full forward passes", lm.model_id)
         return False
     n = prefix.batch
     try:
@@ -426,20 +431,26 @@ def score_candidates(
     max_batch_rows: int | None = None,
     progress: bool = False,
     share_prefix: bool = True,
+    keys: Sequence[tuple[int, int]] | None = None,
+    kinds: Sequence[str] = ("bypass", "induce", "kl"),
 ) -> list[CandidateScore]:
     """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
 
     ``max_batch_rows``: (candidate, prompt) rows per forward pass (default 512 on CUDA, 64 on CPU; halved
     on CUDA out-of-memory). ``share_prefix``: start the induce rows from the baseline's input of their
     block (checked once against the model's own logits; falls back to full passes if they differ).
-    Returned in position-major order (position, then layer), like the paper's file.
+    Returned in position-major order (position, then layer), like the paper's file. ``keys``: explicit
+    (position, layer) candidates instead of ``layers``; ``kinds``: the scores to compute (others are NaN).
     """
-    if not harmful_val or not harmless_val:
+    want_bypass, want_induce, want_kl = ("bypass" in kinds), ("induce" in kinds), ("kl" in kinds)
+    if (want_bypass and not harmful_val) or ((want_induce or want_kl) and not harmless_val):
         raise UserError(f"selection needs harmful and harmless validation instructions "
                         f"(got {len(harmful_val)} and {len(harmless_val)})")
     if candidates.d_model != lm.d_model:
         raise UserError(f"candidate directions have d_model {candidates.d_model} but {lm.model_id} has "
                         f"{lm.d_model}; extract the candidates from this model")
+    if keys is not None:
+        layers = sorted({layer for _, layer in keys})
     layers = list(range(candidates.n_layers)) if layers is None else list(layers)
     bad = [x for x in layers if not 0 <= x < min(candidates.n_layers, lm.n_layers)]
     if bad:
@@ -449,7 +460,7 @@ def score_candidates(
     max_batch_rows = max_batch_rows or default_max_batch_rows(lm)
     t0 = time.perf_counter()
 
-    keys = [(p, layer) for p in candidates.positions for layer in layers]
+    keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
     raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
     raw = raw.double()
     norms = raw.norm(dim=-1)
@@ -466,8 +477,11 @@ def score_candidates(
 
     # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
     # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
+    if not (want_induce or want_kl):
+        harmless_ids = []  # no baseline pass needed
     by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
-    group_size = max(1, (PREFIX_GROUP_ROWS or max_batch_rows) // max(1, len(keys))) if share_prefix else max_batch_rows
+    group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
+        else max_batch_rows
     groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
     prefixes, base_parts = [], []
     for group in groups:
@@ -477,17 +491,20 @@ def score_candidates(
             share_prefix = False
         prefixes.append(prefix if share_prefix else None)
         base_parts.append(torch.log_softmax(logits.double(), dim=-1))
-    base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
-    base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
+    base_logp = None
+    if base_parts:
+        base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
+        base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
     group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
 
     # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
     rows, replay_rows = [], []
     for c in range(len(keys)):
-        if ablatable[c]:
+        if ablatable[c] and want_bypass:
             rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
+        if ablatable[c] and want_kl:
             rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
-        if finite[c]:
+        if finite[c] and want_induce:
             (replay_rows if share_prefix else rows).extend(
                 (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
     rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
@@ -588,6 +605,56 @@ def filter_and_rank(
              "the filters", best.position, best.layer, best.bypass, best.induce, best.kl, len(survivors),
              len(scores))
     return SelectionResult(best.position, best.layer, tuple(survivors), tuple(discarded), thresholds, n_layers)
+
+
+def select_lazy(
+    lm: LoadedModel,
+    candidates: CandidateDirections,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    thresholds: SelectionThresholds = SelectionThresholds(),
+    layers: Sequence[int] | None = None,
+    group: int = 4,
+    refusal_ids: Sequence[int] | None = None,
+    max_batch_rows: int | None = None,
+    progress: bool = False,
+) -> tuple[SelectionResult, list[CandidateScore]]:
+    """The paper's choice at a fraction of the cost: same answer as `score_candidates` + `filter_and_rank`.
+
+    The choice is the lowest-bypass candidate that passes the filters. So: skip layers the layer filter
+    removes anyway, compute only the bypass score of the rest, then compute induce and KL in ascending
+    bypass order, ``group`` candidates at a time, and stop at the first candidate that passes. Every
+    candidate with a lower bypass score was evaluated and failed, so the choice equals the full sweep's.
+    Unevaluated candidates keep NaN induce/KL (the survivors list holds evaluated candidates only).
+    """
+    n_layers = candidates.n_layers
+    max_layer = thresholds.max_layer(n_layers)
+    layers = [x for x in (range(n_layers) if layers is None else layers) if x < max_layer]
+    keys = [(p, x) for p in candidates.positions for x in layers]
+    bypass = score_candidates(lm, candidates, harmful_val, harmless_val, refusal_ids, max_batch_rows=max_batch_rows,
+                              progress=progress, keys=keys, kinds=("bypass",))
+    scores = {(s.position, s.layer): s for s in bypass}
+    order = sorted((s for s in bypass if math.isfinite(s.bypass)), key=lambda s: s.bypass)
+    chosen = None
+    for start in range(0, len(order), group):
+        chunk = [(s.position, s.layer) for s in order[start:start + group]]
+        rest = score_candidates(lm, candidates, harmful_val, harmless_val, refusal_ids,
+                                max_batch_rows=max_batch_rows, keys=chunk, kinds=("induce", "kl"))
+        for r in rest:
+            scores[(r.position, r.layer)] = replace(scores[(r.position, r.layer)], induce=r.induce, kl=r.kl)
+        for key in chunk:
+            if not discard_reasons(scores[key], n_layers, thresholds):
+                chosen = key
+                break
+        if chosen:
+            break
+    evaluated = [s for s in scores.values() if math.isfinite(s.induce) or math.isfinite(s.kl)]
+    if chosen is None:
+        raise UserError(_nothing_survives_message(evaluated or list(scores.values()), n_layers, thresholds))
+    result = filter_and_rank(evaluated, n_layers, thresholds)
+    assert (result.position, result.layer) == chosen
+    log.info("lazy selection: bypass for %d candidates, induce/KL for %d", len(keys), len(evaluated))
+    return result, [scores[k] for k in keys]
 
 
 def describe_reason(code: str, score: CandidateScore, n_layers: int, thresholds: SelectionThresholds) -> str:
