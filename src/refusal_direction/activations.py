@@ -82,5 +82,7 @@ def mean_resid_pre(
         batch_index[0] += 1
         return [None] * len(batch)
 
-    run_batched(step, list(instructions), batch_size, desc=desc, progress=progress)
+    # Similar lengths share a batch (little padding); the mean does not depend on the order.
+    ordered = sorted(instructions, key=lambda x: len(lm.tokenizer(x, add_special_tokens=False)["input_ids"]))
+    run_batched(step, ordered, batch_size, desc=desc, progress=progress)
     return (total / len(instructions)).cpu()

@@ -356,9 +356,9 @@ def demo(
 
 # The CPU demo's settings (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
 DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "n_train": 128, "n_val": 32, "max_new_tokens": 64, "batch_size": 16,
-    "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"], "safety": False, "capability": True,
-    "select_strategy": "lazy",
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "max_select_layers": 8, "n_train": 128,
+    "n_val": 24, "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True,
+    "conditions": ["baseline", "ablation"], "safety": False, "capability": False,
 }
 
 

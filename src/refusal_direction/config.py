@@ -50,6 +50,8 @@ class RunConfig:
     n_eval: int = _f(100, "harmful evaluation instructions (first n, in file order)")
     n_harmless_eval: int = _f(100, "harmless evaluation instructions (seeded sample)")
     seed: int = _f(42, "seed of the sampling stream (the paper's: 42)")
+    filter_train: bool = _f(False, "keep harmful train items the model refuses and harmless ones it does not, by "
+                                   "the refusal metric (the reference code's filter_train; the task: off)")
     drop_duplicates: bool = _f(True, "drop train/val items that duplicate an eval item (case/space-insensitive)")
     # direction
     select: str = _f("default", "fixed | auto | default (fixed for models with a known direction, else auto)")

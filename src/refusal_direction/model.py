@@ -164,7 +164,7 @@ def load_model(
     chat_template: str | None = None,
 ) -> LoadedModel:
     """Load a Hub id, a local model directory, or a ``.gguf`` file, and derive its chat facts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
     torch_dtype, reason = resolve_dtype(dtype, device)
@@ -181,7 +181,7 @@ def load_model(
         kwargs["revision"] = revision
     token = os.environ.get("HF_TOKEN")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
+        tokenizer = load_tokenizer(source, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **kwargs)
     except Exception as exc:  # translate hub/gating/offline failures into actionable messages
         raise hub_error(model, exc) from exc
@@ -189,6 +189,20 @@ def load_model(
     hf_model.requires_grad_(False)
     return wrap_model(hf_model, tokenizer, model_id=model, revision=revision,
                       chat_template=chat_template, dtype_reason=reason)
+
+
+_TOKENIZERS: dict[tuple, object] = {}
+
+
+def load_tokenizer(source: str, **kwargs):
+    """AutoTokenizer, cached per process (a GGUF tokenizer takes a minute to convert; preflight and the
+    model stage share it)."""
+    from transformers import AutoTokenizer
+
+    key = (source, tuple(sorted(kwargs.items())))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"), **kwargs)
+    return _TOKENIZERS[key]
 
 
 def hub_error(model: str, exc: Exception) -> UserError:

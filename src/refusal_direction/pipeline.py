@@ -178,9 +178,9 @@ def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
 
 def probe_model(c: RunConfig) -> tuple[int, int, int]:
     """(n_layers, d_model, n_post_instruction) from the model's config and tokenizer, without weights."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from .model import derive_chat_format, hub_error
+    from .model import derive_chat_format, hub_error, load_tokenizer
 
     kwargs: dict = {}
     source = c.model
@@ -197,7 +197,7 @@ def probe_model(c: RunConfig) -> tuple[int, int, int]:
     token = os.environ.get("HF_TOKEN")
     try:
         cfg = AutoConfig.from_pretrained(source, token=token, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, token=token, **kwargs)
+        tok = load_tokenizer(source, **kwargs)
     except Exception as exc:
         raise hub_error(c.model, exc) from exc
     text = cfg.get_text_config()
@@ -317,14 +317,18 @@ def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateD
 
     lm, c = run.lm, run.config
     t0 = time.perf_counter()
-    harmful = mean_resid_pre(lm, [i.text for i in samples.harmful_train], c.batch_size, progress=run.progress,
-                             desc="extract [harmful]")
-    harmless = mean_resid_pre(lm, [i.text for i in samples.harmless_train], c.batch_size, progress=run.progress,
-                              desc="extract [harmless]")
+    harmful_texts = [i.text for i in samples.harmful_train]
+    harmless_texts = [i.text for i in samples.harmless_train]
+    if c.filter_train:
+        from .selection import filter_validation
+
+        harmful_texts, harmless_texts = filter_validation(lm, harmful_texts, harmless_texts, batch_size=c.batch_size)
+    harmful = mean_resid_pre(lm, harmful_texts, c.batch_size, progress=run.progress, desc="extract [harmful]")
+    harmless = mean_resid_pre(lm, harmless_texts, c.batch_size, progress=run.progress, desc="extract [harmless]")
     run.timing("extract_s", time.perf_counter() - t0)
     meta = {"model_id": lm.model_id, "revision": c.revision, "site": "resid_pre",
-            "post_instruction_tokens": lm.post_instruction_tokens(), "n_harmful": len(samples.harmful_train),
-            "n_harmless": len(samples.harmless_train),
+            "post_instruction_tokens": lm.post_instruction_tokens(), "n_harmful": len(harmful_texts),
+            "n_harmless": len(harmless_texts), "filter_train": c.filter_train,
             "data_hashes": {"harmful_train": hash_instructions(samples.harmful_train),
                             "harmless_train": hash_instructions(samples.harmless_train)}}
     d = run.out / "directions"
