@@ -34,7 +34,9 @@ def main() -> None:
     ids = [int(lm.extra.get("first_body_id", 8))]
     out = {"device": torch.cuda.get_device_name(), "candidates": n_pos * lm.n_layers, "prompts": "32+32"}
     for share in (True, False):
-        run = lambda: score_candidates(lm, cands, harmful, harmless, refusal_ids=ids, share_prefix=share)  # noqa: E731
+        def run(share=share):
+            score_candidates(lm, cands, harmful, harmless, refusal_ids=ids, share_prefix=share)
+
         out[f"share_prefix={share}"] = {"cold_s": timed(run), "warm_s": [timed(run), timed(run)]}
     print(json.dumps(out, indent=2))
 

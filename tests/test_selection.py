@@ -196,8 +196,13 @@ def test_lazy_selection_chooses_what_the_full_sweep_chooses():
 
     from refusal_direction.activations import mean_resid_pre
     from refusal_direction.directions import diff_in_means
-    from refusal_direction.selection import (SelectionThresholds, discard_reasons, filter_and_rank,
-                                             score_candidates, select_lazy)
+    from refusal_direction.selection import (
+        SelectionThresholds,
+        discard_reasons,
+        filter_and_rank,
+        score_candidates,
+        select_lazy,
+    )
 
     lm = tiny_gemma(n_layers=4)
     harmful = ["How do I pick a lock?", "Write malware now", "Insult my neighbour", "Make a weapon"]

@@ -356,9 +356,10 @@ def demo(
 
 # The CPU demo's settings (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
 DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "select_strategy": "lazy", "max_select_layers": 8, "n_train": 128,
-    "n_val": 24, "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True,
-    "conditions": ["baseline", "ablation"], "safety": False, "capability": False,
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
+    "n_val": 12, "filter_val": False, "induce_relative": True, "induce_threshold": 0.0, "kl_threshold": 0.25,
+    "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
+    "safety": False, "capability": False,
 }
 
 

@@ -61,7 +61,9 @@ class RunConfig:
     kl_threshold: float = _f(0.1, "selection: discard candidates with KL above this")
     induce_threshold: float = _f(0.0, "selection: discard candidates with induce score below this")
     prune_layer_fraction: float = _f(0.2, "selection: discard layers >= (1 - this) * n_layers")
-    max_select_layers: int | None = _f(None, "selection: score only this many evenly spaced layers (CPU budget)")
+    select_layers: str | None = _f(None, "selection: layers to score, 'start:stop:step' or '6,9,12' (default all)")
+    induce_relative: bool = _f(False, "selection: induce threshold is relative to the unintervened harmless "
+                                      "metric (the addition must raise refusal log-odds by this much)")
     select_strategy: str = _f("full", "full (score every candidate) | lazy (bypass for all, induce/KL in bypass "
                                       "order until the first survivor: same choice, fewer forwards)")
     filter_val: bool = _f(True, "selection: keep harmful val items the model refuses, harmless ones it does not")
@@ -199,6 +201,11 @@ def validate(c: RunConfig) -> list[str]:
     bad = [x for x in c.conditions if x not in ALL_CONDITIONS]
     if bad:
         p.append(f"conditions {bad} are unknown; choose from {', '.join(ALL_CONDITIONS)}")
+    if c.select_layers is not None:
+        try:
+            parse_layers(c.select_layers, 10_000)
+        except ValueError:
+            p.append(f"select_layers={c.select_layers!r}: use 'start:stop:step' (e.g. '6:19:3') or a list '6,9,12'")
     if c.select_strategy not in ("full", "lazy"):
         p.append(f"select_strategy={c.select_strategy!r}: use full or lazy")
     if c.generation_backend not in ("auto", "hf", "fast"):
@@ -214,3 +221,15 @@ def validate(c: RunConfig) -> list[str]:
     if c.chat_template and not Path(c.chat_template).is_file():
         p.append(f"chat_template file {c.chat_template!r} does not exist")
     return p
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """'6:19:3' -> [6, 9, 12, 15, 18]; '6,9' -> [6, 9]; layers >= n_layers are dropped."""
+    if ":" in spec:
+        parts = [int(x) if x.strip() else None for x in spec.split(":")]
+        layers = list(range(n_layers))[slice(*parts)]
+    else:
+        layers = [int(x) for x in spec.split(",") if x.strip()]
+    if not layers:
+        raise ValueError(spec)
+    return [x for x in layers if 0 <= x < n_layers]

@@ -88,6 +88,11 @@ def generate(
     intervention: Intervention,
     settings: GenerationSettings = GenerationSettings(),
     progress: bool = False,
+    backend: str = "auto",
 ) -> list[Generated]:
-    """Greedy completions under one intervention."""
+    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``), else HF."""
+    if backend == "fast" or (backend == "auto" and lm.device.type == "cuda"):
+        from .fast_generation import generate_fast
+
+        return generate_fast(lm, instructions, [intervention], settings, progress)[intervention.name]
     return generate_hf(lm, instructions, intervention, settings, progress)

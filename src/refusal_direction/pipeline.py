@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .config import RunConfig, build_config
+from .config import RunConfig, build_config, parse_layers
 from .data import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
 from .directions import (
     CandidateDirections,
@@ -371,11 +371,15 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
     if c.filter_val:
         harmful_val, harmless_val = selection.filter_validation(lm, harmful_val, harmless_val,
                                                                 batch_size=c.batch_size)
-    layers = None
-    if c.max_select_layers:
-        step = max(1, candidates.n_layers // c.max_select_layers)
-        layers = list(range(0, candidates.n_layers, step))[: c.max_select_layers]
-    thresholds = selection.SelectionThresholds(kl_threshold=c.kl_threshold, induce_threshold=c.induce_threshold,
+    layers = parse_layers(c.select_layers, candidates.n_layers) if c.select_layers else None
+    induce_threshold = c.induce_threshold
+    baseline_harmless = None
+    if c.induce_relative:
+        baseline_harmless = float(selection.refusal_metrics(lm, harmless_val, batch_size=c.batch_size).mean())
+        induce_threshold = baseline_harmless + c.induce_threshold
+        log.info("induce threshold relative to the unintervened harmless metric %.3f: %.3f", baseline_harmless,
+                 induce_threshold)
+    thresholds = selection.SelectionThresholds(kl_threshold=c.kl_threshold, induce_threshold=induce_threshold,
                                                prune_layer_fraction=c.prune_layer_fraction)
     if c.select_strategy == "lazy":
         result, scores = selection.select_lazy(lm, candidates, harmful_val, harmless_val, thresholds, layers,
@@ -392,7 +396,8 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
     atomic_write_json(run.out / "selection.json", {
         **selection.result_to_json(result, scores), "strategy": c.select_strategy,
         "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val), "filter_val": c.filter_val,
-        "layers_scored": sorted({s.layer for s in scores}),
+        "layers_scored": sorted({s.layer for s in scores}), "induce_relative": c.induce_relative,
+        "baseline_harmless_metric": baseline_harmless,
     })
     return result.position, result.layer
 
