@@ -21,7 +21,7 @@ from refusal_direction.scoring import is_refusal
 
 pytestmark = pytest.mark.real_model
 
-LAYER, POSITION = 12, -1  # chosen by `refusal-direction demo` (--select auto); see the module docstring
+LAYER, POSITION = 15, -1  # chosen by `refusal-direction demo` (--select auto); see the module docstring
 
 
 @pytest.fixture(scope="module")

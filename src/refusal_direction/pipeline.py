@@ -345,11 +345,12 @@ def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateD
 # Stage: direction (fixed or automatic selection)
 
 
-def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections, force: bool = False) -> Direction:
+def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections | None,
+                    force: bool = False) -> Direction:
     if run.direction_path.is_file() and not force:
         return load_direction(run.direction_path)
     if run.config.direction_file:
-        direction = load_direction(run.config.direction_file, model_id=run.config.model, d_model=candidates.d_model)
+        direction = load_direction(run.config.direction_file, model_id=run.config.model, d_model=run.lm.d_model)
         save_direction(direction, run.direction_path, {"selected_by": f"file {run.config.direction_file}"})
         return direction
     mode, layer, position = run.config.resolved_direction()
@@ -554,6 +555,12 @@ def stage_capability(run: Run, samples: Samples, direction: Direction, force: bo
 # Stage: summary and report
 
 
+def display_name(model: str) -> str:
+    """A Hub id as is; a local directory or .gguf file by its name (no machine paths in reports)."""
+    path = Path(model)
+    return path.name if (model.endswith(".gguf") or path.is_absolute() or path.exists()) else model
+
+
 def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
     c = run.config
     completions = load_completions(run)
@@ -604,7 +611,7 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
     env_path = run.out / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     return {
-        "model": c.model,
+        "model": display_name(c.model),
         "direction": {"layer": direction_meta["layer"], "position": direction_meta["position"],
                       "selected_by": direction_meta.get("selected_by", "fixed"), "norm": direction_meta.get("norm")},
         "settings": {"max_new_tokens": c.max_new_tokens, "stop_at_end_of_turn": c.stop_at_end_of_turn,
@@ -648,7 +655,8 @@ def stage_report(run: Run) -> dict:
 def replicate(run: Run, force: bool = False) -> dict:
     """Run every stage; completed stages are reused (resume) unless ``force``."""
     samples = stage_samples(run)
-    candidates = stage_extract(run, samples, force)
+    # A given direction file needs no extraction (the report then has no candidate plots).
+    candidates = None if run.config.direction_file else stage_extract(run, samples, force)
     direction = stage_direction(run, samples, candidates, force)
     stage_generate(run, samples, direction, force)
     stage_capability(run, samples, direction, force)

@@ -30,7 +30,7 @@ from .stats import wilson_interval
 
 log = logging.getLogger(__name__)
 
-EXAMPLE_CHARS = 300  # appendix completions are cut to this many characters
+EXAMPLE_CHARS = 160  # appendix completions are cut to this many characters
 DISAGREEMENT_CHARS = 200  # judge-disagreement examples in the main part
 PROMPT_CHARS = 100  # prompts shown next to judge-disagreement examples
 N_DISAGREEMENTS = 3
@@ -164,7 +164,8 @@ def _header(summary: dict, selection: dict | None) -> str:
     else:
         lines.append("**Direction:** not recorded in summary.json.  ")
     stop = s.get("stop_at_end_of_turn")
-    stop_text = {True: "stops at `<end_of_turn>`", False: "runs past `<end_of_turn>` (as the reference did)",
+    stop_text = {True: "stops at the end-of-turn token",
+                 False: "stops at eos only, may run past the end of the turn (as the reference did)",
                  None: "end-of-turn stopping not recorded"}[stop if isinstance(stop, bool) else None]
     settings = [
         f"max new tokens {_or_dash(s.get('max_new_tokens'))}",
@@ -414,7 +415,7 @@ def _comparison_section(summary: dict) -> str:
         diffs.append(f"it generates {s['max_new_tokens']} new tokens, not 512 (later refusal phrases are missed, "
                      "unsafe text can be cut short)")
     if s.get("stop_at_end_of_turn") is True:
-        diffs.append("it stops at `<end_of_turn>`, the reference did not")
+        diffs.append("it stops at the end-of-turn token, the reference did not")
     text = ["The reference is the paper's released gemma-2b-it run (JailbreakBench, greedy decoding, 512 new "
             "tokens, not stopped at `<end_of_turn>`); "
             + ("this run differs: " + "; ".join(diffs) + ", so the paper's values are a guide, not a target."
