@@ -9,7 +9,7 @@ DATA ?= $(if $(REFUSAL_DIRECTION_DATA),$(REFUSAL_DIRECTION_DATA),../shared/datas
 RUN ?= runs/gemma-2b-it
 DEMO_RUN ?= runs/qwen2.5-coder-0.5b-instruct
 
-.PHONY: install test test-fast replicate demo bench lint clean
+.PHONY: install test test-fast replicate demo fetch-model bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ replicate: install
 
 demo: install
 	$(PY) -m refusal_direction demo --out $(DEMO_RUN) $(if $(wildcard $(DATA)),--data-dir $(DATA),)
+
+fetch-model: install
+	$(PY) -m refusal_direction fetch-model qwen2.5-coder-0.5b-instruct
 
 bench: install
 	$(PY) -m refusal_direction bench
