@@ -11,8 +11,7 @@ import time
 
 import torch
 
-from refusal_direction.bench import random_model, synthetic_instructions
-from refusal_direction.directions import CandidateDirections
+from refusal_direction.bench import random_model, sweep_inputs
 from refusal_direction.selection import score_candidates
 
 
@@ -26,13 +25,9 @@ def timed(fn) -> float:
 
 def main() -> None:
     lm = random_model("gemma-2b-shape", device="cuda")
-    g = torch.Generator().manual_seed(0)
-    n_pos = lm.n_post_instruction
-    cands = CandidateDirections(torch.randn(n_pos, lm.n_layers, lm.d_model, generator=g, dtype=torch.float64),
-                                list(range(-n_pos, 0)), {"model_id": lm.model_id})
-    harmful, harmless = synthetic_instructions(lm, 32, 3), synthetic_instructions(lm, 32, 4)
-    ids = [int(lm.extra.get("first_body_id", 8))]
-    out = {"device": torch.cuda.get_device_name(), "candidates": n_pos * lm.n_layers, "prompts": "32+32"}
+    cands, harmful, harmless, ids = sweep_inputs(lm, 32, 0)
+    out = {"device": torch.cuda.get_device_name(), "candidates": lm.n_post_instruction * lm.n_layers,
+           "prompts": "32+32"}
     for share in (True, False):
         def run(share=share):
             score_candidates(lm, cands, harmful, harmless, refusal_ids=ids, share_prefix=share)

@@ -97,15 +97,18 @@ def test_batched_scores_equal_naive_loop(tiny_lm, setup, caplog):
     candidates, ids = setup
     naive = _naive_scores(tiny_lm, candidates, HARMFUL, HARMLESS, ids)
     # 13 rows per forward: batches mix kinds, candidates and prompt lengths; induce rows either start
-    # from the baseline's block input (share_prefix) or run the whole model with per-row additions
-    for share_prefix in (True, False):
+    # from the baseline's block input (share_prefix) or run the whole model with per-row additions; the
+    # chat template's opening is computed once per distinct intervention and handed over as a KV cache
+    # (share_opening), with additions too when share_prefix is off
+    for share_prefix, share_opening in ((True, True), (False, True), (True, False), (False, False)):
         fast = score_candidates(tiny_lm, candidates, HARMFUL, HARMLESS, refusal_ids=ids, max_batch_rows=13,
-                                share_prefix=share_prefix)
+                                share_prefix=share_prefix, share_opening=share_opening)
         assert [(s.position, s.layer) for s in fast] == [(s.position, s.layer) for s in naive]
         for f, n in zip(fast, naive):
             for name in ("bypass", "induce", "kl"):
-                assert _close(getattr(f, name), getattr(n, name)), (share_prefix, f, n, name)
+                assert _close(getattr(f, name), getattr(n, name)), (share_prefix, share_opening, f, n, name)
         assert ("induce rows from shared prefixes" in caplog.text) == share_prefix  # no silent fallback
+        assert ("a 4-token chat-template opening shared" in caplog.text) == share_opening  # <bos><sot>user\n
         caplog.clear()
     # layer 0: every prompt has the same embedding at a post-instruction position -> zero direction -> NaN
     assert all(math.isnan(s.bypass) and math.isnan(s.kl) for s in fast if s.layer == 0)
@@ -221,3 +224,20 @@ def test_lazy_selection_chooses_what_the_full_sweep_chooses():
         expect = filter_and_rank(all_scores, 4, strict)
         got, _ = select_lazy(lm, cands, harmful, harmless, strict, group=1)
         assert (got.position, got.layer) == (expect.position, expect.layer)
+
+
+def test_opening_fallback_when_the_cache_path_fails(tiny_lm, setup, caplog, monkeypatch):
+    import refusal_direction.selection as selection
+
+    candidates, ids = setup
+    ref = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2],
+                           share_opening=False)
+
+    def refuse(*args, **kwargs):
+        raise TypeError("this model takes no past_key_values")
+
+    monkeypatch.setattr(selection, "_opening_cache", refuse)
+    caplog.set_level(logging.INFO, logger="refusal_direction.selection")
+    got = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2])
+    assert "shared chat-template opening unavailable" in caplog.text and "opening shared" not in caplog.text
+    assert all(_close(getattr(a, k), getattr(b, k)) for a, b in zip(got, ref) for k in ("bypass", "induce", "kl"))

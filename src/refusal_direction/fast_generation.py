@@ -15,6 +15,8 @@ Here, for the same greedy tokens:
   keep decoding but are cut at their first stop token, which is what HF ``generate`` returns too;
 - grouped-query attention under a padding mask is folded (the query heads that share a KV head become
   query rows of that head), so SDPA reads each KV head once instead of HF's per-step ``repeat_kv`` copy.
+- on CUDA, RMSNorms and the rotary embedding run with fewer kernels (`fusion.fused_kernels`), each swap
+  made only where it is verified to reproduce the original on the model's own shapes and dtype.
 
 Nothing is model-specific. A model this cannot run (encoder-decoder, no ``position_ids`` /
 ``past_key_values``, no `StaticCache`) falls back to `generate_hf` per condition, with the reason logged.
@@ -33,6 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .batching import run_batched
+from .fusion import fused_kernels
 from .generation import Generated, GenerationSettings, generate_hf, stop_ids
 from .interventions import Intervention, apply_intervention
 from .model import LoadedModel
@@ -86,19 +89,22 @@ def generate_fast(
     decode: str = "auto",
     max_rows: int | None = None,
     sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
+    fuse: bool = True,
 ) -> dict[str, list[Generated]]:
     """Greedy completions of ``instructions`` under every intervention at once: {intervention name: list}.
 
     Same tokens as `generate_hf` (exactly so in float32). ``settings.batch_size`` is not used: the batch
     holds every prompt under every condition unless ``max_rows`` (default: sized from free device
     memory) splits it. ``force_tokens`` ignores stop tokens and decodes exactly ``max_new_tokens``.
+    ``fuse``: on CUDA, run RMSNorms and the rotary embedding with fewer kernels wherever that is verified to
+    reproduce them (`fusion.fused_kernels`).
     """
     eos = stop_ids(lm, settings)
     prompts = prompt_ids(lm, instructions)
     try:
         result = generate_fast_ids(lm, prompts, interventions, settings.max_new_tokens, eos,
                                    force_tokens=force_tokens, decode=decode, max_rows=max_rows, progress=progress,
-                                   sdpa_backends=sdpa_backends)
+                                   sdpa_backends=sdpa_backends, fuse=fuse)
     except FastPathUnsupported as exc:
         log.warning("fast generation is not available for %s (%s); falling back to HF generate per condition",
                     lm.model_id, exc)
@@ -129,6 +135,7 @@ def generate_fast_ids(
     max_rows: int | None = None,
     progress: bool = False,
     sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
+    fuse: bool = True,
 ) -> FastResult:
     """The fast path on token ids (no tokenizer needed). Raises `FastPathUnsupported` for unsupported models."""
     names = [iv.name for iv in interventions]
@@ -149,7 +156,7 @@ def generate_fast_ids(
 
     def step(chunk):
         out, st = generate_chunk(lm, chunk, interventions, max_new_tokens, stop, force_tokens, mode, progress,
-                                 sdpa_backends)
+                                 sdpa_backends, fuse)
         stats.append(st)
         return out
 
@@ -323,6 +330,7 @@ def generate_chunk(
     mode: str,
     progress: bool = False,
     sdpa_backends: Sequence[str] | None = None,
+    fuse: bool = False,
 ) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
     """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
     from transformers import StaticCache
@@ -361,6 +369,7 @@ def generate_chunk(
                      "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
             stack.enter_context(sdpa_kernel([names[b] for b in sdpa_backends]))
             notes.append(f"SDPA backends: {', '.join(sdpa_backends)}")
+        notes += stack.enter_context(fused_kernels(model, fuse))
         for iv, switch in zip(interventions, switches):
             stack.enter_context(apply_intervention(lm, iv, rows=switch))
         t0 = time.perf_counter()

@@ -21,8 +21,10 @@ vector and layer to add, applied by per-row hooks. Rows are sorted by prompt len
 little, only the last position's logits are computed (``logits_to_keep=1``), and the baseline
 distribution for the KL is computed once. An addition at block l leaves blocks 0..l-1 as in the
 baseline, so induce rows start from the baseline's saved block-l input (checked once against the
-model's own logits; full passes otherwise). gemma-2b-it shape on one H200, bf16, 90 candidates,
-32 + 32 prompts: about 2.05 s (one candidate at a time: 13-16 s).
+model's own logits; full passes otherwise). The chat template's opening tokens, the same in every prompt,
+are computed once per distinct intervention in a batch and handed to its rows as a KV cache (also checked
+once). gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 2.69 s warm, 5.65 s on the
+first call in a process (one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import torch
 from .batching import run_batched
 from .directions import CandidateDirections
 from .errors import UserError
-from .interventions import input_hook, output_hook
+from .fusion import fused_kernels
+from .interventions import ablate_rows, input_hook, output_hook
 from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -168,12 +171,6 @@ def _metric_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[int]) ->
 # Per-row interventions (each batch row has its own direction)
 
 
-def ablate_rows(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """x - (x·r̂_b) r̂_b for each row b: x [batch, seq, d], r_hat [batch, d] unit (zero row = no-op)."""
-    proj = torch.bmm(x, r_hat.unsqueeze(-1))  # [batch, seq, 1]
-    return torch.baddbmm(x, proj, r_hat.unsqueeze(1), alpha=-1)  # one pass over x (an outer product per row)
-
-
 @contextlib.contextmanager
 def per_row_interventions(
     lm: LoadedModel,
@@ -247,11 +244,20 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch
     return _to_device(ids, device), _to_device(mask, device)
 
 
-def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Next-token logits after each prompt: [batch, vocab] in the model's dtype."""
+def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]], past=None, past_len: int = 0) -> torch.Tensor:
+    """Next-token logits after each prompt: [batch, vocab] in the model's dtype.
+
+    ``past``: a KV cache of ``past_len`` tokens that precede every sequence (`_opening_cache`); the sequences
+    are then continuations, left-padded after the cached tokens with position ids that skip the padding.
+    """
     input_ids, mask = _left_pad(seqs, lm.tokenizer.pad_token_id, lm.device)
+    kwargs: dict = {"use_cache": False}
+    if past is not None:
+        position = past_len + (mask.cumsum(-1) - 1).clamp_min(0)  # the padding hole does not count
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, past_len), mask], dim=1)
+        kwargs = {"past_key_values": past, "position_ids": position, "use_cache": True}
     if not _accepts_logits_to_keep(type(lm.model)):
-        return lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, -1, :]
+        return lm.model(input_ids=input_ids, attention_mask=mask, **kwargs).logits[:, -1, :]
     # logits_to_keep=1 hands the LM head a strided view [batch, 1, d]; on CUDA that runs as a batched
     # matrix-vector product that re-reads the whole unembedding per row (measured on an H200 at
     # gemma-2b shape, 1024 rows: 239 ms vs 1.5 ms). A contiguous copy makes it one matrix product.
@@ -259,11 +265,68 @@ def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]]) -> torch.Tensor
     handle = None if head is None else \
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
     try:
-        out = lm.model(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        out = lm.model(input_ids=input_ids, attention_mask=mask, logits_to_keep=1, **kwargs)
     finally:
         if handle is not None:
             handle.remove()
     return out.logits[:, -1, :]
+
+
+# --------------------------------------------------------------------------------------------------
+# The chat template's opening (e.g. "<bos><start_of_turn>user\n", or a default system prompt) is the same
+# tokens at the same positions in every prompt, and causal attention keeps its activations independent of
+# what follows: under one intervention they are the same for every prompt. So they are computed once per
+# distinct intervention in a batch and handed to the rows as a KV cache.
+
+
+def _common_opening(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix shared by every sequence, leaving each at least one token of its own."""
+    if not seqs:
+        return []
+    limit, first = min(len(s) for s in seqs) - 1, seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return list(first[:n])
+
+
+def _opening_cache(lm: LoadedModel, opening: Sequence[int], n: int):
+    """KV cache of ``opening`` for ``n`` rows, computed under whatever hooks are active (row i = intervention i).
+    Runs the decoder alone where the model exposes it: no LM head for tokens whose logits nobody reads."""
+    ids = _to_device([list(opening)], lm.device).expand(n, -1)
+    decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else None
+    return (decoder if isinstance(decoder, torch.nn.Module) else lm.model)(input_ids=ids,
+                                                                          use_cache=True).past_key_values
+
+
+def _opening_matches(lm: LoadedModel, opening: Sequence[int], seqs: Sequence[Sequence[int]],
+                     logits: torch.Tensor) -> bool:
+    """Whether continuing from the opening's cache reproduces full-pass ``logits`` for ``seqs`` (checks that
+    this architecture takes a cache, position ids and a mask with a hole)."""
+    def shared() -> torch.Tensor:
+        cache = _opening_cache(lm, opening, 1)
+        cache.reorder_cache(torch.zeros(len(seqs), dtype=torch.long, device=lm.device))
+        return _last_logits(lm, [s[len(opening):] for s in seqs], cache, len(opening))
+
+    return _reproduces_logits(lm, "shared chat-template opening", shared, logits)
+
+
+def _reproduces_logits(lm: LoadedModel, what: str, compute, logits: torch.Tensor) -> bool:
+    """Whether ``compute()`` (a shortcut) gives ``logits`` (the full pass) to 5 % relative error; logs why not."""
+    try:
+        got = compute()
+    except Exception as exc:  # any architecture surprise: full passes
+        log.info("%s unavailable for %s (%s: %s); using full forward passes", what, lm.model_id,
+                 type(exc).__name__, exc)
+        return False
+    ref = logits.float()
+    err = float((got.float() - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm().clamp_min(1e-30))
+    if err > 5e-2:
+        log.info("%s does not reproduce %s's logits (relative error %.3g); using full forward passes", what,
+                 lm.model_id, err)
+        return False
+    log.debug("%s check: relative logit error %.3g", what, err)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,21 +415,9 @@ def _replay_matches(lm: LoadedModel, prefix: _Prefix, logits: torch.Tensor) -> b
                  "full forward passes", lm.model_id)
         return False
     n = prefix.batch
-    try:
-        replayed = _replay(lm, prefix, list(range(n)), [0] * n, torch.zeros(n, lm.d_model, device=lm.device,
-                                                                            dtype=lm.dtype))
-    except Exception as exc:  # any architecture surprise: fall back to full forward passes
-        log.info("shared-prefix replay unavailable for %s (%s: %s); using full forward passes",
-                 lm.model_id, type(exc).__name__, exc)
-        return False
-    ref = logits.float()
-    err = float((replayed.float() - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm().clamp_min(1e-30))
-    if err > 5e-2:
-        log.info("shared-prefix replay does not reproduce %s's logits (relative error %.3g); using full "
-                 "forward passes", lm.model_id, err)
-        return False
-    log.debug("shared-prefix replay check: relative logit error %.3g", err)
-    return True
+    zeros = torch.zeros(n, lm.d_model, device=lm.device, dtype=lm.dtype)
+    return _reproduces_logits(lm, "shared-prefix replay", lambda: _replay(lm, prefix, list(range(n)), [0] * n, zeros),
+                              logits)
 
 
 @torch.no_grad()
@@ -433,6 +484,8 @@ def score_candidates(
     share_prefix: bool = True,
     keys: Sequence[tuple[int, int]] | None = None,
     kinds: Sequence[str] = ("bypass", "induce", "kl"),
+    fuse: bool = True,
+    share_opening: bool = True,
 ) -> list[CandidateScore]:
     """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
 
@@ -441,6 +494,9 @@ def score_candidates(
     block (checked once against the model's own logits; falls back to full passes if they differ).
     Returned in position-major order (position, then layer), like the paper's file. ``keys``: explicit
     (position, layer) candidates instead of ``layers``; ``kinds``: the scores to compute (others are NaN).
+    ``fuse``: on CUDA, RMSNorm and rotary embedding run with fewer kernels where that is verified (`fusion`).
+    ``share_opening``: compute the chat template's opening tokens (shared by every prompt) once per distinct
+    intervention in a batch instead of once per row (checked once against full passes, as for share_prefix).
     """
     want_bypass, want_induce, want_kl = ("bypass" in kinds), ("induce" in kinds), ("kl" in kinds)
     if (want_bypass and not harmful_val) or ((want_induce or want_kl) and not harmless_val):
@@ -460,84 +516,103 @@ def score_candidates(
     max_batch_rows = max_batch_rows or default_max_batch_rows(lm)
     t0 = time.perf_counter()
 
-    keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
-    raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
-    raw = raw.double()
-    norms = raw.norm(dim=-1)
-    ablatable = (norms > 0) & torch.isfinite(norms)  # a zero direction has no unit vector: NaN scores
-    finite = torch.isfinite(raw).all(-1)
-    unit_dirs = torch.where(ablatable.unsqueeze(-1), raw / norms.clamp_min(1e-300).unsqueeze(-1), 0)
-    unit_dirs = unit_dirs.to(device=lm.device, dtype=lm.dtype)  # [n, d]
-    add_vecs = raw.to(device=lm.device, dtype=lm.dtype)  # [n, d]
-    if not ablatable.all():
-        log.info("%d candidates have a zero or non-finite direction (e.g. layer 0, where every prompt has "
-                 "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
+    with fused_kernels(lm.model, fuse):  # fewer kernels for RMSNorm and rotary on CUDA, where verified
+        keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
+        raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
+        raw = raw.double()
+        norms = raw.norm(dim=-1)
+        ablatable = (norms > 0) & torch.isfinite(norms)  # a zero direction has no unit vector: NaN scores
+        finite = torch.isfinite(raw).all(-1)
+        unit_dirs = torch.where(ablatable.unsqueeze(-1), raw / norms.clamp_min(1e-300).unsqueeze(-1), 0)
+        unit_dirs = unit_dirs.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+        add_vecs = raw.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+        if not ablatable.all():
+            log.info("%d candidates have a zero or non-finite direction (e.g. layer 0, where every prompt has "
+                     "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
 
-    harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
+        harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
 
-    # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
-    # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
-    if not (want_induce or want_kl):
-        harmless_ids = []  # no baseline pass needed
-    by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
-    group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
-        else max_batch_rows
-    groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
-    prefixes, base_parts = [], []
-    for group in groups:
-        seqs = [harmless_ids[i] for i in group]
-        logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
-        if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
-            share_prefix = False
-        prefixes.append(prefix if share_prefix else None)
-        base_parts.append(torch.log_softmax(logits.double(), dim=-1))
-    base_logp = None
-    if base_parts:
-        base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
-        base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
-    group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
+        # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
+        # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
+        if not (want_induce or want_kl):
+            harmless_ids = []  # no baseline pass needed
+        by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
+        group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
+            else max_batch_rows
+        groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
+        prefixes, base_parts = [], []
+        for group in groups:
+            seqs = [harmless_ids[i] for i in group]
+            logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
+            if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
+                share_prefix = False
+            prefixes.append(prefix if share_prefix else None)
+            base_parts.append(torch.log_softmax(logits.double(), dim=-1))
+        base_logp = None
+        if base_parts:
+            base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
+            base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
+        group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
 
-    # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
-    rows, replay_rows = [], []
-    for c in range(len(keys)):
-        if ablatable[c] and want_bypass:
-            rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
-        if ablatable[c] and want_kl:
-            rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
-        if finite[c] and want_induce:
-            (replay_rows if share_prefix else rows).extend(
-                (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
-    rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
-    replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
+        opening = _common_opening(harmful_ids + harmless_ids) if share_opening else []
+        if opening:
+            check = harmless_ids[:8] or harmful_ids[:8]
+            if not _opening_matches(lm, opening, check, _last_logits(lm, check)):
+                opening = []
 
-    def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
-        _, kinds, cands, prompts = zip(*batch)
-        seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
-        cand = _to_device(list(cands), lm.device)
-        ablate = [k != INDUCE for k in kinds]
-        dirs = unit_dirs[cand] * _to_device(ablate, lm.device, lm.dtype).unsqueeze(-1)  # [batch, d]
-        add_layers = [keys[c][1] if k == INDUCE else -1 for k, c in zip(kinds, cands)]
-        with per_row_interventions(lm, dirs if any(ablate) else None,
-                                   add_vecs[cand] if max(add_layers) >= 0 else None, add_layers):
-            logits = _last_logits(lm, seqs)  # [batch, vocab]
-        kl_rows = [i for i, k in enumerate(kinds) if k == KL]
-        metric_rows = [i for i, k in enumerate(kinds) if k != KL]
-        values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
-        return values.unbind()  # one 0-d device tensor per row: no host sync per batch
+        def hooks_for(cands: Sequence[int], induce: Sequence[bool]):
+            """Per-row hooks: row i ablates candidate cands[i] everywhere, or adds it at its layer if induce[i]."""
+            cand = _to_device(list(cands), lm.device)
+            dirs = unit_dirs[cand] * _to_device([not a for a in induce], lm.device, lm.dtype).unsqueeze(-1)
+            layers = [keys[c][1] if a else -1 for c, a in zip(cands, induce)]
+            return per_row_interventions(lm, None if all(induce) else dirs, add_vecs[cand] if any(induce) else None,
+                                         layers)
 
-    def replay_step(batch: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
-        out = []
-        for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
-            part = [r for r in batch if group_of[r[3]][0] == g]
-            cand = _to_device([r[2] for r in part], lm.device)
-            logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
-                             add_vecs[cand])
-            out += refusal_metric(logits, refusal_ids).unbind()
-        return out
+        # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
+        rows, replay_rows = [], []
+        for c in range(len(keys)):
+            if ablatable[c] and want_bypass:
+                rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
+            if ablatable[c] and want_kl:
+                rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
+            if finite[c] and want_induce:
+                (replay_rows if share_prefix else rows).extend(
+                    (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
+        rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
+        replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
 
-    values = run_batched(step, rows, max_batch_rows, "selection", progress)
-    values += run_batched(replay_step, replay_rows, max_batch_rows, "selection (induce)", progress)
-    values = torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)  # [n_rows]
+        def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
+            _, kinds, cands, prompts = zip(*batch)
+            seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
+            induce = [k == INDUCE for k in kinds]
+            past = None
+            if opening:  # the opening once per distinct intervention, then copied to its rows
+                distinct: dict[tuple[int, bool], int] = {}
+                slot = [distinct.setdefault((c, a), len(distinct)) for c, a in zip(cands, induce)]
+                with hooks_for([c for c, _ in distinct], [a for _, a in distinct]):
+                    past = _opening_cache(lm, opening, len(distinct))
+                past.reorder_cache(_to_device(slot, lm.device))
+                seqs = [s[len(opening):] for s in seqs]
+            with hooks_for(cands, induce):
+                logits = _last_logits(lm, seqs, past, len(opening))  # [batch, vocab]
+            kl_rows = [i for i, k in enumerate(kinds) if k == KL]
+            metric_rows = [i for i, k in enumerate(kinds) if k != KL]
+            values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
+            return values.unbind()  # one 0-d device tensor per row: no host sync per batch
+
+        def replay_step(batch: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+            out = []
+            for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
+                part = [r for r in batch if group_of[r[3]][0] == g]
+                cand = _to_device([r[2] for r in part], lm.device)
+                logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
+                                 add_vecs[cand])
+                out += refusal_metric(logits, refusal_ids).unbind()
+            return out
+
+        values = run_batched(step, rows, max_batch_rows, "selection", progress)
+        values += run_batched(replay_step, replay_rows, max_batch_rows, "selection (induce)", progress)
+        values = torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)  # [n_rows]
     rows += replay_rows
 
     slot = torch.tensor([c * 3 + k for _, k, c, _ in rows])  # candidate-major (candidate, kind) cell
@@ -546,9 +621,11 @@ def score_candidates(
     means = (sums / counts).view(len(keys), 3)  # 0/0 = NaN for candidates that were not scored
     scores = [CandidateScore(p, layer, float(means[c, BYPASS]), float(means[c, INDUCE]), float(means[c, KL]))
               for c, (p, layer) in enumerate(keys)]
+    notes = ([f"a {len(opening)}-token chat-template opening shared"] if opening else []) + \
+        (["induce rows from shared prefixes"] if share_prefix else [])
     log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows%s) in %.2fs", len(keys),
-             len(harmful_val), len(harmless_val), len(rows),
-             ", induce rows from shared prefixes" if share_prefix else "", time.perf_counter() - t0)
+             len(harmful_val), len(harmless_val), len(rows), "".join(", " + n for n in notes),
+             time.perf_counter() - t0)
     return scores
 
 
@@ -883,6 +960,6 @@ def plot_selection_heatmaps(
 
 
 __all__ = ["CandidateScore", "SelectionThresholds", "SelectionResult", "refusal_token_ids", "default_refusal_ids",
-           "refusal_metric", "refusal_metrics", "filter_validation", "per_row_interventions", "ablate_rows",
+           "refusal_metric", "refusal_metrics", "filter_validation", "per_row_interventions",
            "score_candidates", "filter_and_rank", "discard_reasons", "scores_to_json", "scores_from_json",
            "load_scores", "result_to_json", "select_from_scores_file", "plot_selection_heatmaps"]
