@@ -67,3 +67,24 @@ def test_ablation_bypasses_refusal_and_text_stays_sane(qwen, data_dir):
     assert abl_score <= base_score / 3, (base_score, abl_score)
     broken = [g.text for g in abl if degenerate(g.token_ids) or not g.text.strip()]
     assert len(broken) <= 0.1 * len(abl), broken
+
+
+def test_selection_shortcuts_reproduce_full_passes(qwen, data_dir, caplog):
+    """On a template whose opening is a whole default system prompt, sharing it across rows (and starting
+    induce rows from the baseline's block input) gives the scores of full forward passes."""
+    import logging
+
+    from refusal_direction.selection import score_candidates
+
+    s = sample_sets(data_dir, n_train=8, n_val=4, n_eval=1, n_harmless_eval=1)
+    harmful = mean_resid_pre(qwen, [i.text for i in s.harmful_train], batch_size=8)
+    harmless = mean_resid_pre(qwen, [i.text for i in s.harmless_train], batch_size=8)
+    cands = diff_in_means(harmful, harmless)
+    val_h, val_s = [i.text for i in s.harmful_val], [i.text for i in s.harmless_val]
+    caplog.set_level(logging.INFO, logger="refusal_direction.selection")
+    fast = score_candidates(qwen, cands, val_h, val_s, layers=[LAYER])
+    assert "chat-template opening shared" in caplog.text and "induce rows from shared prefixes" in caplog.text
+    full = score_candidates(qwen, cands, val_h, val_s, layers=[LAYER], share_prefix=False, share_opening=False)
+    for a, b in zip(fast, full):
+        for k in ("bypass", "induce", "kl"):
+            assert abs(getattr(a, k) - getattr(b, k)) <= 1e-3 + 1e-3 * abs(getattr(b, k)), (a, b, k)

@@ -35,7 +35,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .batching import run_batched
-from .fusion import fused_kernels
+from .fusion import fused_kernels, restricted_sdpa
 from .generation import Generated, GenerationSettings, generate_hf, stop_ids
 from .interventions import Intervention, apply_intervention
 from .model import LoadedModel
@@ -362,13 +362,7 @@ def generate_chunk(
     with contextlib.ExitStack() as stack:
         if stack.enter_context(folded_gqa_attention(model)):
             notes.append("grouped-query attention folded into query rows")
-        if sdpa_backends and device.type == "cuda":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                     "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-            stack.enter_context(sdpa_kernel([names[b] for b in sdpa_backends]))
-            notes.append(f"SDPA backends: {', '.join(sdpa_backends)}")
+        notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
         notes += stack.enter_context(fused_kernels(model, fuse))
         for iv, switch in zip(interventions, switches):
             stack.enter_context(apply_intervention(lm, iv, rows=switch))

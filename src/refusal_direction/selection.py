@@ -23,8 +23,8 @@ distribution for the KL is computed once. An addition at block l leaves blocks 0
 baseline, so induce rows start from the baseline's saved block-l input (checked once against the
 model's own logits; full passes otherwise). The chat template's opening tokens, the same in every prompt,
 are computed once per distinct intervention in a batch and handed to its rows as a KV cache (also checked
-once). gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 2.69 s warm, 5.65 s on the
-first call in a process (one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
+once). gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 2.57-2.70 s warm, 3.3-3.6 s on
+the first call in a process (one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from .batching import run_batched
 from .directions import CandidateDirections
 from .errors import UserError
-from .fusion import fused_kernels
+from .fusion import fused_kernels, restricted_sdpa
 from .interventions import ablate_rows, input_hook, output_hook
 from .model import LoadedModel
 
@@ -486,6 +486,7 @@ def score_candidates(
     kinds: Sequence[str] = ("bypass", "induce", "kl"),
     fuse: bool = True,
     share_opening: bool = True,
+    sdpa: Sequence[str] | None = ("efficient", "math"),
 ) -> list[CandidateScore]:
     """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
 
@@ -497,6 +498,9 @@ def score_candidates(
     ``fuse``: on CUDA, RMSNorm and rotary embedding run with fewer kernels where that is verified (`fusion`).
     ``share_opening``: compute the chat template's opening tokens (shared by every prompt) once per distinct
     intervention in a batch instead of once per row (checked once against full passes, as for share_prefix).
+    ``sdpa``: attention kernels allowed on CUDA, in order of preference (`fusion.restricted_sdpa`); None: torch's
+    pick. Default memory-efficient attention: on an H200 at gemma-2b shape torch's pick (cuDNN) builds a plan per
+    new shape, and the sweep meets ~20 shapes: first call 6.0-10.2 s vs 3.3-3.6 s, warm 2.65 s vs 2.57-2.70 s.
     """
     want_bypass, want_induce, want_kl = ("bypass" in kinds), ("induce" in kinds), ("kl" in kinds)
     if (want_bypass and not harmful_val) or ((want_induce or want_kl) and not harmless_val):
@@ -516,7 +520,8 @@ def score_candidates(
     max_batch_rows = max_batch_rows or default_max_batch_rows(lm)
     t0 = time.perf_counter()
 
-    with fused_kernels(lm.model, fuse):  # fewer kernels for RMSNorm and rotary on CUDA, where verified
+    # fewer kernels for RMSNorm and rotary on CUDA, where verified; the attention kernels asked for
+    with fused_kernels(lm.model, fuse), restricted_sdpa(lm.device, sdpa):
         keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
         raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
         raw = raw.double()
