@@ -381,10 +381,10 @@ def selection_floor(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[
     run blocks l..n-1 from the baseline's block-l input; every row needs the LM head at its last position.
     Attention scores and element-wise work are left out, so the true floor is higher.
     """
-    from .selection import _common_opening
+    from .selection import common_opening
 
     harmful_ids, harmless_ids = prompt_ids(lm, harmful), prompt_ids(lm, harmless)
-    opening = len(_common_opening(harmful_ids + harmless_ids))
+    opening = len(common_opening(harmful_ids + harmless_ids))
     cfg = lm.model.config.get_text_config()
     embed = lm.model.get_input_embeddings().weight.numel()
     per_layer = (sum(p.numel() for p in lm.model.parameters()) - embed) / lm.n_layers
@@ -515,8 +515,7 @@ def run_benchmark(
     if lm.device.type == "cuda" and fast_options.get("fuse", True):  # what the fused RMSNorm and rotary bring
         res, secs = fast_generate(lm, instructions, conditions, new_tokens, **{**fast_options, "fuse": False})
         result["unfused"] = {"seconds": secs, "decode_s": res.stats.decode_s,
-                                   "agreement": {n: agreement(res.tokens[n], runs["first"].tokens[n])
-                                                 for n in res.tokens}}
+                             "agreement": {n: agreement(res.tokens[n], runs["first"].tokens[n]) for n in res.tokens}}
     if compile_check and lm.device.type == "cuda":
         try:
             res, secs = fast_generate(lm, instructions, conditions, new_tokens, decode="compile", **fast_options)

@@ -279,7 +279,7 @@ def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]], past=None, past
 # distinct intervention in a batch and handed to the rows as a KV cache.
 
 
-def _common_opening(seqs: Sequence[Sequence[int]]) -> list[int]:
+def common_opening(seqs: Sequence[Sequence[int]]) -> list[int]:
     """The longest token prefix shared by every sequence, leaving each at least one token of its own."""
     if not seqs:
         return []
@@ -471,7 +471,6 @@ def default_max_batch_rows(lm: LoadedModel) -> int:
     return 512 if lm.device.type == "cuda" else 64
 
 
-@torch.no_grad()
 def score_candidates(
     lm: LoadedModel,
     candidates: CandidateDirections,
@@ -499,9 +498,22 @@ def score_candidates(
     ``share_opening``: compute the chat template's opening tokens (shared by every prompt) once per distinct
     intervention in a batch instead of once per row (checked once against full passes, as for share_prefix).
     ``sdpa``: attention kernels allowed on CUDA, in order of preference (`fusion.restricted_sdpa`); None: torch's
-    pick. Default memory-efficient attention: on an H200 at gemma-2b shape torch's pick (cuDNN) builds a plan per
-    new shape, and the sweep meets ~20 shapes: first call 6.0-10.2 s vs 3.3-3.6 s, warm 2.65 s vs 2.57-2.70 s.
+    pick. Default memory-efficient attention: on an H200 at gemma-2b shape torch's pick (cuDNN) builds a plan for
+    every new shape, and the sweep's batches have many: first call 6.0-10.2 s vs 3.3-3.6 s, warm 2.65 s vs
+    2.57-2.70 s.
     """
+    with fused_kernels(lm.model, fuse), restricted_sdpa(lm.device, sdpa):
+        return _score_candidates(lm, candidates, harmful_val, harmless_val, refusal_ids, layers, max_batch_rows,
+                                 progress, share_prefix, keys, kinds, share_opening)
+
+
+@torch.no_grad()
+def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_val: Sequence[str],
+                      harmless_val: Sequence[str], refusal_ids: Sequence[int] | None, layers: Sequence[int] | None,
+                      max_batch_rows: int | None, progress: bool, share_prefix: bool,
+                      keys: Sequence[tuple[int, int]] | None, kinds: Sequence[str],
+                      share_opening: bool) -> list[CandidateScore]:
+    """`score_candidates` inside its kernel choices."""
     want_bypass, want_induce, want_kl = ("bypass" in kinds), ("induce" in kinds), ("kl" in kinds)
     if (want_bypass and not harmful_val) or ((want_induce or want_kl) and not harmless_val):
         raise UserError(f"selection needs harmful and harmless validation instructions "
@@ -520,104 +532,102 @@ def score_candidates(
     max_batch_rows = max_batch_rows or default_max_batch_rows(lm)
     t0 = time.perf_counter()
 
-    # fewer kernels for RMSNorm and rotary on CUDA, where verified; the attention kernels asked for
-    with fused_kernels(lm.model, fuse), restricted_sdpa(lm.device, sdpa):
-        keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
-        raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
-        raw = raw.double()
-        norms = raw.norm(dim=-1)
-        ablatable = (norms > 0) & torch.isfinite(norms)  # a zero direction has no unit vector: NaN scores
-        finite = torch.isfinite(raw).all(-1)
-        unit_dirs = torch.where(ablatable.unsqueeze(-1), raw / norms.clamp_min(1e-300).unsqueeze(-1), 0)
-        unit_dirs = unit_dirs.to(device=lm.device, dtype=lm.dtype)  # [n, d]
-        add_vecs = raw.to(device=lm.device, dtype=lm.dtype)  # [n, d]
-        if not ablatable.all():
-            log.info("%d candidates have a zero or non-finite direction (e.g. layer 0, where every prompt has "
-                     "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
+    keys = [(p, layer) for p in candidates.positions for layer in layers] if keys is None else list(keys)
+    raw = torch.stack([candidates.vectors[candidates.positions.index(p), layer] for p, layer in keys])  # [n, d]
+    raw = raw.double()
+    norms = raw.norm(dim=-1)
+    ablatable = (norms > 0) & torch.isfinite(norms)  # a zero direction has no unit vector: NaN scores
+    finite = torch.isfinite(raw).all(-1)
+    unit_dirs = torch.where(ablatable.unsqueeze(-1), raw / norms.clamp_min(1e-300).unsqueeze(-1), 0)
+    unit_dirs = unit_dirs.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+    add_vecs = raw.to(device=lm.device, dtype=lm.dtype)  # [n, d]
+    if not ablatable.all():
+        log.info("%d candidates have a zero or non-finite direction (e.g. layer 0, where every prompt has "
+                 "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
 
-        harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
+    harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
 
-        # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
-        # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
-        if not (want_induce or want_kl):
-            harmless_ids = []  # no baseline pass needed
-        by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
-        group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
-            else max_batch_rows
-        groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
-        prefixes, base_parts = [], []
-        for group in groups:
-            seqs = [harmless_ids[i] for i in group]
-            logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
-            if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
-                share_prefix = False
-            prefixes.append(prefix if share_prefix else None)
-            base_parts.append(torch.log_softmax(logits.double(), dim=-1))
-        base_logp = None
-        if base_parts:
-            base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
-            base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
-        group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
+    # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
+    # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
+    if not (want_induce or want_kl):
+        harmless_ids = []  # no baseline pass needed
+    by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
+    group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
+        else max_batch_rows
+    groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
+    prefixes, base_parts = [], []
+    for group in groups:
+        seqs = [harmless_ids[i] for i in group]
+        logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
+        if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
+            share_prefix = False
+        prefixes.append(prefix if share_prefix else None)
+        base_parts.append(torch.log_softmax(logits.double(), dim=-1))
+    base_logp = None
+    if base_parts:
+        base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
+        base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
+    group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
 
-        opening = _common_opening(harmful_ids + harmless_ids) if share_opening else []
-        if opening:
-            check = harmless_ids[:8] or harmful_ids[:8]
-            if not _opening_matches(lm, opening, check, _last_logits(lm, check)):
-                opening = []
+    opening = common_opening(harmful_ids + harmless_ids) if share_opening else []
+    if opening:
+        check = harmless_ids[:8] or harmful_ids[:8]
+        if not _opening_matches(lm, opening, check, _last_logits(lm, check)):
+            opening = []
 
-        def hooks_for(cands: Sequence[int], induce: Sequence[bool]):
-            """Per-row hooks: row i ablates candidate cands[i] everywhere, or adds it at its layer if induce[i]."""
-            cand = _to_device(list(cands), lm.device)
-            dirs = unit_dirs[cand] * _to_device([not a for a in induce], lm.device, lm.dtype).unsqueeze(-1)
-            layers = [keys[c][1] if a else -1 for c, a in zip(cands, induce)]
-            return per_row_interventions(lm, None if all(induce) else dirs, add_vecs[cand] if any(induce) else None,
-                                         layers)
+    def hooks_for(cands: Sequence[int], induce: Sequence[bool]):
+        """Per-row hooks: row i ablates candidate cands[i] everywhere, or adds it at its layer if induce[i]."""
+        cand = _to_device(list(cands), lm.device)
+        dirs = unit_dirs[cand] * _to_device([not a for a in induce], lm.device, lm.dtype).unsqueeze(-1)
+        layers = [keys[c][1] if a else -1 for c, a in zip(cands, induce)]
+        return per_row_interventions(lm, None if all(induce) else dirs, add_vecs[cand] if any(induce) else None,
+                                     layers)
 
-        # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
-        rows, replay_rows = [], []
-        for c in range(len(keys)):
-            if ablatable[c] and want_bypass:
-                rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
-            if ablatable[c] and want_kl:
-                rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
-            if finite[c] and want_induce:
-                (replay_rows if share_prefix else rows).extend(
-                    (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
-        rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
-        replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
+    # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
+    rows, replay_rows = [], []
+    for c in range(len(keys)):
+        if ablatable[c] and want_bypass:
+            rows += [(len(s), BYPASS, c, i) for i, s in enumerate(harmful_ids)]
+        if ablatable[c] and want_kl:
+            rows += [(len(s), KL, c, i) for i, s in enumerate(harmless_ids)]
+        if finite[c] and want_induce:
+            (replay_rows if share_prefix else rows).extend(
+                (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
+    rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
+    replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
 
-        def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
-            _, kinds, cands, prompts = zip(*batch)
-            seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
-            induce = [k == INDUCE for k in kinds]
-            past = None
-            if opening:  # the opening once per distinct intervention, then copied to its rows
-                distinct: dict[tuple[int, bool], int] = {}
-                slot = [distinct.setdefault((c, a), len(distinct)) for c, a in zip(cands, induce)]
-                with hooks_for([c for c, _ in distinct], [a for _, a in distinct]):
-                    past = _opening_cache(lm, opening, len(distinct))
-                past.reorder_cache(_to_device(slot, lm.device))
-                seqs = [s[len(opening):] for s in seqs]
-            with hooks_for(cands, induce):
-                logits = _last_logits(lm, seqs, past, len(opening))  # [batch, vocab]
-            kl_rows = [i for i, k in enumerate(kinds) if k == KL]
-            metric_rows = [i for i, k in enumerate(kinds) if k != KL]
-            values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
-            return values.unbind()  # one 0-d device tensor per row: no host sync per batch
+    def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
+        _, kinds, cands, prompts = zip(*batch)
+        seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
+        induce = [k == INDUCE for k in kinds]
+        past = None
+        if opening:  # the opening once per distinct intervention, then copied to its rows
+            distinct: dict[tuple[int, bool], int] = {}
+            slot = [distinct.setdefault((c, a), len(distinct)) for c, a in zip(cands, induce)]
+            with hooks_for([c for c, _ in distinct], [a for _, a in distinct]):
+                past = _opening_cache(lm, opening, len(distinct))
+            past.reorder_cache(_to_device(slot, lm.device))
+            seqs = [s[len(opening):] for s in seqs]
+        with hooks_for(cands, induce):
+            logits = _last_logits(lm, seqs, past, len(opening))  # [batch, vocab]
+        kl_rows = [i for i, k in enumerate(kinds) if k == KL]
+        metric_rows = [i for i, k in enumerate(kinds) if k != KL]
+        values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
+        return values.unbind()  # one 0-d device tensor per row: no host sync per batch
 
-        def replay_step(batch: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
-            out = []
-            for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
-                part = [r for r in batch if group_of[r[3]][0] == g]
-                cand = _to_device([r[2] for r in part], lm.device)
-                logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
-                                 add_vecs[cand])
-                out += refusal_metric(logits, refusal_ids).unbind()
-            return out
+    def replay_step(batch: Sequence[tuple[int, int, int, int]]) -> list[torch.Tensor]:
+        out = []
+        for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
+            part = [r for r in batch if group_of[r[3]][0] == g]
+            cand = _to_device([r[2] for r in part], lm.device)
+            logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
+                             add_vecs[cand])
+            out += refusal_metric(logits, refusal_ids).unbind()
+        return out
 
-        values = run_batched(step, rows, max_batch_rows, "selection", progress)
-        values += run_batched(replay_step, replay_rows, max_batch_rows, "selection (induce)", progress)
-        values = torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)  # [n_rows]
+    values = run_batched(step, rows, max_batch_rows, "selection", progress)
+    values += run_batched(replay_step, replay_rows, max_batch_rows, "selection (induce)", progress)
+    values = torch.stack(values).cpu() if values else torch.zeros(0, dtype=torch.float64)  # [n_rows]
     rows += replay_rows
 
     slot = torch.tensor([c * 3 + k for _, k, c, _ in rows])  # candidate-major (candidate, kind) cell
