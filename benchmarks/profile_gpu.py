@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--shape", default="gemma-2b-shape")  # "tiny" on CPU: a smoke test of this script
     ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--selection-only", action="store_true", help="profile the selection sweep only, both passes")
     args = ap.parse_args()
     lm = random_model(args.shape)
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
@@ -112,6 +113,8 @@ def main() -> None:
                  "torch": torch.__version__,
                  "norms": norm_agreement(lm)}
 
+    if args.selection_only:
+        return report(selection_profiles(lm, sync), args.json)
     prompts = prompt_ids(lm, synthetic_instructions(lm, 100, 0))
     ivs = [Baseline(), DirectionalAblation(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)))]
     base = 4
@@ -149,11 +152,35 @@ def main() -> None:
             timings[f"fuse={fuse} max_batch_rows={rows}"] = [timed(lambda kw=kw: sweep(**kw)) for _ in range(2)]
     out["selection warm_s"] = timings
     out["selection profile (defaults)"] = summarize(kernels(sweep), top=20)
+    report(out, args.json)
+
+
+def report(out: dict, path: str | None) -> None:
     text = json.dumps(out, indent=1)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text)
+
+
+def selection_profiles(lm, sync) -> dict:
+    """The sweep through the sweep forward and through HF's forward with hooks: warm times and kernel profiles."""
+    cands, harmful, harmless, ids = sweep_inputs(lm, 32, 0)
+    out: dict = {"device": torch.cuda.get_device_name() if lm.device.type == "cuda" else "cpu"}
+    for fast in (True, False):
+        def sweep(fast=fast):
+            score_candidates(lm, cands, harmful, harmless, refusal_ids=ids, fast_forward=fast)
+
+        sweep()
+        times = []
+        for _ in range(3):
+            sync()
+            t = time.perf_counter()
+            sweep()
+            sync()
+            times.append(round(time.perf_counter() - t, 3))
+        out[f"fast_forward={fast}"] = {"warm_s": times, "profile": summarize(kernels(sweep), top=25)}
+    return out
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def test_ablation_bypasses_refusal_and_text_stays_sane(qwen, data_dir):
 
 
 def test_selection_shortcuts_reproduce_full_passes(qwen, data_dir, caplog):
-    """On a template whose opening is a whole default system prompt, sharing it across rows (and starting
-    induce rows from the baseline's block input) gives the scores of full forward passes."""
+    """On a template whose opening is a whole default system prompt, the sweep's own forward (Qwen2 blocks, with
+    q/k/v biases), sharing the opening across rows and starting induce rows from the baseline's block input give
+    the scores of full HF forward passes with hooks."""
     import logging
 
     from refusal_direction.selection import score_candidates
@@ -84,7 +85,9 @@ def test_selection_shortcuts_reproduce_full_passes(qwen, data_dir, caplog):
     caplog.set_level(logging.INFO, logger="refusal_direction.selection")
     fast = score_candidates(qwen, cands, val_h, val_s, layers=[LAYER])
     assert "chat-template opening shared" in caplog.text and "induce rows from shared prefixes" in caplog.text
-    full = score_candidates(qwen, cands, val_h, val_s, layers=[LAYER], share_prefix=False, share_opening=False)
+    assert "sweep forward (fast_forward)" in caplog.text
+    full = score_candidates(qwen, cands, val_h, val_s, layers=[LAYER], share_prefix=False, share_opening=False,
+                            fast_forward=False)
     for a, b in zip(fast, full):
         for k in ("bypass", "induce", "kl"):
             assert abs(getattr(a, k) - getattr(b, k)) <= 1e-3 + 1e-3 * abs(getattr(b, k)), (a, b, k)

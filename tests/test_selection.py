@@ -1,6 +1,7 @@
 """Direction selection: the metric, batched scoring = naive per-candidate loop, the paper's filtering."""
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -99,16 +100,18 @@ def test_batched_scores_equal_naive_loop(tiny_lm, setup, caplog):
     # 13 rows per forward: batches mix kinds, candidates and prompt lengths; induce rows either start
     # from the baseline's block input (share_prefix) or run the whole model with per-row additions; the
     # chat template's opening is computed once per distinct intervention and handed over as a KV cache
-    # (share_opening), with additions too when share_prefix is off
-    for share_prefix, share_opening in ((True, True), (False, True), (True, False), (False, False)):
+    # (share_opening), with additions too when share_prefix is off; passes run through the sweep's own forward
+    # (fast_forward) or HF's forward with hooks
+    for share_prefix, share_opening, own in itertools.product((True, False), repeat=3):
         fast = score_candidates(tiny_lm, candidates, HARMFUL, HARMLESS, refusal_ids=ids, max_batch_rows=13,
-                                share_prefix=share_prefix, share_opening=share_opening)
+                                share_prefix=share_prefix, share_opening=share_opening, fast_forward=own)
         assert [(s.position, s.layer) for s in fast] == [(s.position, s.layer) for s in naive]
         for f, n in zip(fast, naive):
             for name in ("bypass", "induce", "kl"):
                 assert _close(getattr(f, name), getattr(n, name)), (share_prefix, share_opening, f, n, name)
         assert ("induce rows from shared prefixes" in caplog.text) == share_prefix  # no silent fallback
         assert ("a 4-token chat-template opening shared" in caplog.text) == share_opening  # <bos><sot>user\n
+        assert ("sweep forward (fast_forward)" in caplog.text) == own
         caplog.clear()
     # layer 0: every prompt has the same embedding at a post-instruction position -> zero direction -> NaN
     assert all(math.isnan(s.bypass) and math.isnan(s.kl) for s in fast if s.layer == 0)
@@ -241,3 +244,17 @@ def test_opening_fallback_when_the_cache_path_fails(tiny_lm, setup, caplog, monk
     got = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2])
     assert "shared chat-template opening unavailable" in caplog.text and "opening shared" not in caplog.text
     assert all(_close(getattr(a, k), getattr(b, k)) for a, b in zip(got, ref) for k in ("bypass", "induce", "kl"))
+
+
+def test_checked_sweep_decoder_is_reused_until_a_weight_changes(tiny_lm, setup):
+    from refusal_direction.selection import CHECKED_DECODER
+
+    candidates, ids = setup
+    first = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:2], refusal_ids=ids, layers=[1, 2])
+    decoder = tiny_lm.extra[CHECKED_DECODER][2]
+    again = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:2], refusal_ids=ids, layers=[1, 2])
+    assert tiny_lm.extra[CHECKED_DECODER][2] is decoder and again == first
+    with torch.no_grad():  # an in-place edit (same values): the decoder, which copies q/k/v weights, is rebuilt
+        tiny_lm.blocks[1].attn_out.q_proj.weight.mul_(1.0)
+    score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:2], refusal_ids=ids, layers=[1, 2])
+    assert tiny_lm.extra[CHECKED_DECODER][2] is not decoder

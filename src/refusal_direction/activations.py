@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .batching import run_batched
+from .fusion import restricted_sdpa
 from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ def mean_resid_pre(
     n_positions: int | None = None,
     progress: bool = False,
     desc: str = "activations",
+    sdpa: Sequence[str] | None = ("efficient", "math"),
 ) -> torch.Tensor:
-    """Mean resid_pre over ``instructions``: [n_positions, n_layers, d_model], float64, on CPU."""
+    """Mean resid_pre over ``instructions``: [n_positions, n_layers, d_model], float64, on CPU.
+
+    ``sdpa``: attention kernels allowed on CUDA (`fusion.restricted_sdpa`; None: torch's pick). Batches come in
+    many padded lengths, and torch's pick on an H200 (cuDNN) builds an execution plan for each new one.
+    """
     n_positions = n_positions or lm.n_post_instruction
     total = torch.zeros(n_positions, lm.n_layers, lm.d_model, dtype=torch.float64, device=lm.device)
     batch_index = [0]
@@ -84,5 +90,6 @@ def mean_resid_pre(
 
     # Similar lengths share a batch (little padding); the mean does not depend on the order.
     ordered = sorted(instructions, key=lambda x: len(lm.tokenizer(x, add_special_tokens=False)["input_ids"]))
-    run_batched(step, ordered, batch_size, desc=desc, progress=progress)
+    with restricted_sdpa(lm.device, sdpa):
+        run_batched(step, ordered, batch_size, desc=desc, progress=progress)
     return (total / len(instructions)).cpu()

@@ -377,9 +377,11 @@ def selection_floor(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[
                     ceilings: dict) -> dict:
     """Matrix-product FLOPs the sweep's algorithm cannot avoid, over the measured matmul rate.
 
-    Bypass and KL rows run every block over the prompt minus the shared chat-template opening; induce rows
-    run blocks l..n-1 from the baseline's block-l input; every row needs the LM head at its last position.
-    Attention scores and element-wise work are left out, so the true floor is higher.
+    Bypass and KL rows run every block over the prompt minus the shared chat-template opening; induce rows run
+    blocks l..n-1 from the baseline's block-l input; in the last block only the key/value projections need every
+    position (the query, output projection and MLP only the last: the sweep forward's shortcut); every row needs
+    the LM head at its last position. Attention scores and element-wise work are left out, so the true floor is
+    higher.
     """
     from .selection import common_opening
 
@@ -388,12 +390,18 @@ def selection_floor(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[
     cfg = lm.model.config.get_text_config()
     embed = lm.model.get_input_embeddings().weight.numel()
     per_layer = (sum(p.numel() for p in lm.model.parameters()) - embed) / lm.n_layers
+    attn = getattr(lm.blocks[-1].block, "self_attn", None)
+    kv = attn.k_proj.weight.numel() + attn.v_proj.weight.numel() if hasattr(attn, "k_proj") else per_layer
     layers = lm.n_layers
-    token_layers = n_pos * layers * layers * (sum(len(x) - opening for x in harmful_ids)
-                                              + sum(len(x) - opening for x in harmless_ids))  # bypass, KL
-    token_layers += n_pos * sum(layers - layer for layer in range(layers)) * sum(len(x) for x in harmless_ids)
+    ablated = sum(len(x) - opening for x in harmful_ids) + sum(len(x) - opening for x in harmless_ids)
+    n_rows = len(harmful_ids) + len(harmless_ids)
+    # every block but the last over all tokens, the last one's k/v over all tokens and the rest at one position
+    param_tokens = n_pos * layers * (per_layer * (layers - 1) * ablated + kv * ablated + (per_layer - kv) * n_rows)
+    induce_tokens = sum(len(x) - opening for x in harmless_ids)
+    param_tokens += n_pos * (per_layer * sum(layers - 1 - layer for layer in range(layers)) * induce_tokens
+                             + layers * (kv * induce_tokens + (per_layer - kv) * len(harmless_ids)))
     head = 2 * int(cfg.vocab_size) * lm.d_model * n_pos * layers * (len(harmful_ids) + 2 * len(harmless_ids))
-    flops = 2 * per_layer * token_layers + head
+    flops = 2 * param_tokens + head
     return {"flops": flops, "opening_tokens": opening, "seconds": flops / (ceilings["matmul_TFLOPs"] * 1e12),
             "note": "matmul FLOPs only, at the measured dense bf16 rate"}
 
@@ -533,6 +541,8 @@ def run_benchmark(
 
     result["activations"] = time_activations(lm, activation_prompts, seed)
     result["selection"] = time_selection(lm, selection_prompts, seed, ceilings=ceilings)
+    # the same sweep through HF's forward with per-row hooks (the reference path), for comparison
+    result["selection_hf_forward"] = time_selection(lm, selection_prompts, seed, repeats=2, fast_forward=False)
     return result
 
 
@@ -605,4 +615,6 @@ def format_report(r: dict) -> str:
     floor = f"; matmul floor {sel['floor']['seconds']:.2f}s" if "floor" in sel else ""
     lines.append(f"selection: {sel['candidates']} candidates, {sel['prompts']} prompts: {sel['seconds']:.2f}s warm, "
                  f"{sel['cold_s']:.2f}s first call (target {sel['target_s']:.0f}s{floor})")
+    if "selection_hf_forward" in r:
+        lines.append(f"  same sweep through HF's forward with hooks: {r['selection_hf_forward']['seconds']:.2f}s warm")
     return "\n".join(lines)

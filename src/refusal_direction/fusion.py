@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 PROBE_ROWS = 64
 
 
-def _eps_of(module: torch.nn.Module) -> float | None:
+def norm_eps(module: torch.nn.Module) -> float | None:
     for name in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, name, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -96,7 +96,7 @@ def fused_form(module: torch.nn.Module, probes: dict | None = None) -> tuple[str
     reuse probe tensors across modules of one model."""
     if not type(module).__name__.lower().endswith("rmsnorm"):
         return None
-    eps = _eps_of(module)
+    eps = norm_eps(module)
     weight = getattr(module, "weight", None)
     if eps is None or not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
         return None

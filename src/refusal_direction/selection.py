@@ -17,14 +17,20 @@ induce < 0; the survivor with the lowest bypass score is the direction.
 
 Speed: candidates are not scored one forward pass at a time. Every (candidate, prompt, kind) is one
 row of a big batch; each row carries its own unit direction to ablate ([rows, d_model]) or its own
-vector and layer to add, applied by per-row hooks. Rows are sorted by prompt length so a batch pads
-little, only the last position's logits are computed (``logits_to_keep=1``), and the baseline
-distribution for the KL is computed once. An addition at block l leaves blocks 0..l-1 as in the
-baseline, so induce rows start from the baseline's saved block-l input (checked once against the
-model's own logits; full passes otherwise). The chat template's opening tokens, the same in every prompt,
-are computed once per distinct intervention in a batch and handed to its rows as a KV cache (also checked
-once). gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 2.57-2.70 s warm, 3.3-3.6 s on
-the first call in a process (one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
+vector and layer to add. Rows are sorted by prompt length so a batch pads little, only the last position's
+logits are computed, and the baseline distribution for the KL is computed once. An addition at block l leaves
+blocks 0..l-1 as in the baseline, so induce rows start from the baseline's saved block-l input. The chat
+template's opening tokens, the same in every prompt, are computed once per distinct intervention and handed to
+the rows as keys and values. Two implementations of these passes (`_HFPasses`, `_FastPasses`):
+
+- HF's forward with per-row hooks: any architecture; the reference. Each shortcut above is checked once
+  against the model's own full passes and dropped (with a log line) if it does not reproduce them.
+- `fast_forward.SweepDecoder`, the sweep's own forward for standard pre-norm decoders (Llama, Mistral, Qwen2,
+  Gemma): no padding mask, the last block's MLP at the last position only, fused Triton kernels on CUDA. Used
+  when it reproduces the reference on rows of every kind; kept per model until a weight changes.
+
+gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 1.81-1.86 s warm, 2.9-3.6 s first call in a
+process (HF's forward with hooks: 2.54-2.94 s; one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import torch
 from .batching import run_batched
 from .directions import CandidateDirections
 from .errors import UserError
+from .fast_forward import RowInterventions, SweepDecoder, cat_interventions
 from .fusion import fused_kernels, restricted_sdpa
 from .interventions import ablate_rows, input_hook, output_hook
 from .model import LoadedModel
@@ -53,6 +60,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-8  # added inside both logs of the refusal metric, so p = 0 or 1 stays finite
 REDUCE_ROWS = 256  # rows per float64 log-softmax (bounds memory at large vocabularies)
+OPENING_BYTES = 2**30  # most memory for the openings' keys and values under every intervention (sweep forward)
 PREFIX_GROUP_ROWS_FACTOR = 4  # induce rows per shared-prefix group = this x max_batch_rows (H200-tuned)
 
 # Row kinds of the batched sweep.
@@ -464,6 +472,177 @@ def filter_validation(
 
 
 # --------------------------------------------------------------------------------------------------
+# The sweep's forward passes: HF's forward with per-row hooks (any architecture; the reference), or
+# `fast_forward.SweepDecoder` (standard pre-norm decoders; checked once against the reference). Both give
+# last-position logits of rows where row i ablates candidate cands[i] everywhere, or adds it at its layer if
+# induce[i]; the chat template's opening is computed once per distinct intervention in a batch.
+
+
+def _distinct(cands: Sequence[int], induce: Sequence[bool]) -> tuple[list[tuple[int, bool]], list[int]]:
+    """The distinct (candidate, induce) pairs of a batch, and each row's index among them."""
+    distinct: dict[tuple[int, bool], int] = {}
+    slot = [distinct.setdefault((c, a), len(distinct)) for c, a in zip(cands, induce)]
+    return list(distinct), slot
+
+
+@dataclass(eq=False)
+class _HFPasses:
+    lm: LoadedModel
+    unit_dirs: torch.Tensor  # [n_candidates, d] (zero rows: not ablatable)
+    add_vecs: torch.Tensor  # [n_candidates, d]
+    keys: list[tuple[int, int]]  # (position, layer) per candidate
+    opening: list[int]
+    name: str = "HF forward with per-row hooks"
+
+    def _hooks(self, cands: Sequence[int], induce: Sequence[bool]):
+        cand = _to_device(list(cands), self.lm.device)
+        dirs = self.unit_dirs[cand] * _to_device([not a for a in induce], self.lm.device, self.lm.dtype).unsqueeze(-1)
+        layers = [self.keys[c][1] if a else -1 for c, a in zip(cands, induce)]
+        return per_row_interventions(self.lm, None if all(induce) else dirs,
+                                     self.add_vecs[cand] if any(induce) else None, layers)
+
+    def rows(self, seqs, cands, induce) -> torch.Tensor:
+        past = None
+        if self.opening:
+            distinct, slot = _distinct(cands, induce)
+            with self._hooks(*zip(*distinct)):
+                past = _opening_cache(self.lm, self.opening, len(distinct))
+            past.reorder_cache(_to_device(slot, self.lm.device))
+            seqs = [s[len(self.opening):] for s in seqs]
+        with self._hooks(cands, induce):
+            return _last_logits(self.lm, seqs, past, len(self.opening))
+
+    def baseline(self, seqs, capture: bool):
+        return _capture_prefix(self.lm, seqs) if capture else (_last_logits(self.lm, seqs), None)
+
+    def replay_matches(self, prefix, logits) -> bool:
+        return _replay_matches(self.lm, prefix, logits)
+
+    def replay(self, prefix: _Prefix, prompts, cands) -> torch.Tensor:
+        vectors = self.add_vecs[_to_device(list(cands), self.lm.device)]
+        return _replay(self.lm, prefix, prompts, [self.keys[c][1] for c in cands], vectors)
+
+
+@dataclass(eq=False)
+class _FastPasses:
+    decoder: SweepDecoder
+    unit_dirs: torch.Tensor
+    add_vecs: torch.Tensor
+    keys: list[tuple[int, int]]
+    opening: list[int]
+    name: str = "sweep forward (fast_forward)"
+
+    def __post_init__(self):
+        # The opening under every intervention of the sweep, once: slot 0 none, 1 + c ablates candidate c,
+        # 1 + n + c adds it at its layer (a few tokens for 2n + 1 rows: one small pass instead of one per batch)
+        self.prefix = None
+        d = self.decoder
+        size = 2 * (2 * len(self.keys) + 1) * len(self.opening) * d.n_kv * d.head_dim * len(d.blocks) * \
+            self.unit_dirs.element_size()
+        if self.opening and size > OPENING_BYTES:
+            log.info("the sweep forward recomputes the %d-token opening in every row: keeping it for all %d "
+                     "interventions would take %.1f GiB", len(self.opening), 2 * len(self.keys) + 1, size / 2**30)
+            self.opening = []
+        if self.opening:
+            n = len(self.keys)
+            rows = self._interventions(list(range(n)) * 2, [False] * n + [True] * n)
+            zero = RowInterventions(torch.zeros_like(self.unit_dirs[:1]), torch.zeros_like(self.add_vecs[:1]), (-1,))
+            self.prefix = self.decoder.kv_prefix(self.opening, cat_interventions([zero, rows], [1, 2 * n],
+                                                                                self.unit_dirs.shape[1],
+                                                                                self.unit_dirs), 2 * n + 1)
+
+    def _interventions(self, cands, induce) -> RowInterventions:
+        device = self.unit_dirs.device
+        cand = _to_device(list(cands), device)
+        dirs = None if all(induce) else \
+            self.unit_dirs[cand] * _to_device([not a for a in induce], device, self.unit_dirs.dtype).unsqueeze(-1)
+        adds = self.add_vecs[cand] if any(induce) else None
+        return RowInterventions(dirs, adds, tuple(self.keys[c][1] if a else -1 for c, a in zip(cands, induce)))
+
+    def _slots(self, cands, induce) -> torch.Tensor | None:
+        if self.prefix is None:
+            return None
+        n = len(self.keys)
+        return _to_device([1 + c + (n if a else 0) for c, a in zip(cands, induce)], self.unit_dirs.device)
+
+    def rows(self, seqs, cands, induce) -> torch.Tensor:
+        seqs = [s[len(self.opening):] for s in seqs]
+        return self.decoder.last_logits(seqs, self._interventions(cands, induce), self.prefix,
+                                        self._slots(cands, induce))
+
+    def baseline(self, seqs, capture: bool):
+        slots = None if self.prefix is None else torch.zeros(len(seqs), dtype=torch.long, device=self.unit_dirs.device)
+        seqs = [s[len(self.opening):] for s in seqs]
+        logits, resid, last = self.decoder.capture(seqs, self.prefix, slots)
+        return logits, (resid, last, [len(s) for s in seqs]) if capture else None
+
+    def replay_matches(self, prefix, logits) -> bool:
+        return True  # checked with the rest of this path by _fast_matches
+
+    def replay(self, prefix, prompts, cands) -> torch.Tensor:
+        resid, last, lengths = prefix
+        width = max(lengths[p] for p in prompts)  # right padding: positions past every row's end can go
+        resid = [r[:, :width] for r in resid]
+        starts = [self.keys[c][1] for c in cands]
+        vectors = self.add_vecs[_to_device(list(cands), self.unit_dirs.device)]
+        return self.decoder.replay(resid, last, prompts, starts, vectors, self.prefix,
+                                   self._slots(cands, [True] * len(cands)))
+
+
+CHECKED_DECODER = "sweep_decoder"  # key in LoadedModel.extra: (weights key, settings, SweepDecoder that matched)
+
+
+def _weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or edited in place (e.g. by weight orthogonalization)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int], check: Sequence[Sequence[int]],
+                   finite: torch.Tensor, fast_forward: bool, fuse: bool) -> _HFPasses | _FastPasses:
+    """The sweep forward if it supports ``lm`` and matches HF's forward with hooks, else HF's forward (with the
+    shared opening only if it reproduces full passes). A decoder that matched is kept for later sweeps of the
+    same model until a weight changes (in ``lm.extra``), so only a process's first sweep pays for the checks."""
+    settings = (fuse, tuple(opening), lm.device, lm.dtype)
+    if fast_forward:
+        cached = lm.extra.get(CHECKED_DECODER)
+        if cached is not None and cached[2].lm is lm and cached[:2] == (_weights_key(lm.model), settings):
+            return _FastPasses(cached[2], unit_dirs, add_vecs, keys, opening)
+    if opening and not _opening_matches(lm, opening, check[:8], _last_logits(lm, check[:8])):
+        opening = []
+    reference = _HFPasses(lm, unit_dirs, add_vecs, keys, opening)
+    decoder = SweepDecoder.for_model(lm, fuse) if fast_forward else None
+    if decoder is None:
+        return reference
+    fast = _FastPasses(decoder, unit_dirs, add_vecs, keys, opening)
+    if not _fast_matches(fast, reference, check, finite):
+        return reference
+    lm.extra[CHECKED_DECODER] = (_weights_key(lm.model), settings, decoder)
+    return fast
+
+
+def _fast_matches(fast: _FastPasses, reference: _HFPasses, seqs: Sequence[Sequence[int]], finite: torch.Tensor) -> bool:
+    """Whether the sweep forward reproduces HF's forward with hooks on a few rows of every kind: ablation,
+    addition, a baseline capture and a replay from it."""
+    seqs = list(seqs[:4])
+    usable = [c for c in range(len(fast.keys)) if finite[c]]
+    if not seqs or not usable:
+        return False
+    cands = [usable[i * (len(usable) - 1) // 3] for i in range(4)][:len(seqs)] * 2
+    cands, seqs2 = cands[:2 * len(seqs)], seqs * 2
+    induce = [i >= len(seqs) for i in range(len(seqs2))]
+    if not _reproduces_logits(fast.decoder.lm, "sweep forward", lambda: fast.rows(seqs2, cands, induce),
+                              reference.rows(seqs2, cands, induce)):
+        return False
+
+    def replayed():
+        _, capture = fast.baseline(seqs, True)
+        return fast.replay(capture, list(range(len(seqs))), cands[len(seqs):])
+
+    return _reproduces_logits(fast.decoder.lm, "sweep forward replay", replayed,
+                              reference.rows(seqs, cands[len(seqs):], [True] * len(seqs)))
+
+
+# --------------------------------------------------------------------------------------------------
 # Scoring all candidates
 
 
@@ -486,6 +665,7 @@ def score_candidates(
     fuse: bool = True,
     share_opening: bool = True,
     sdpa: Sequence[str] | None = ("efficient", "math"),
+    fast_forward: bool = True,
 ) -> list[CandidateScore]:
     """Bypass, induce and KL scores of every (position, layer) candidate (``layers``: a subset to score).
 
@@ -499,12 +679,13 @@ def score_candidates(
     intervention in a batch instead of once per row (checked once against full passes, as for share_prefix).
     ``sdpa``: attention kernels allowed on CUDA, in order of preference (`fusion.restricted_sdpa`); None: torch's
     pick. Default memory-efficient attention: on an H200 at gemma-2b shape torch's pick (cuDNN) builds a plan for
-    every new shape, and the sweep's batches have many: first call 6.0-10.2 s vs 3.3-3.6 s, warm 2.65 s vs
-    2.57-2.70 s.
+    every new shape, and the sweep's batches have many (HF forward path: first call 6.0-10.2 s vs 3.3-3.6 s).
+    ``fast_forward``: run the passes with `fast_forward.SweepDecoder` where it supports the model
+    (standard pre-norm decoders; checked once against HF's forward with hooks, which is used otherwise).
     """
     with fused_kernels(lm.model, fuse), restricted_sdpa(lm.device, sdpa):
         return _score_candidates(lm, candidates, harmful_val, harmless_val, refusal_ids, layers, max_batch_rows,
-                                 progress, share_prefix, keys, kinds, share_opening)
+                                 progress, share_prefix, keys, kinds, share_opening, fast_forward, fuse)
 
 
 @torch.no_grad()
@@ -512,7 +693,7 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
                       harmless_val: Sequence[str], refusal_ids: Sequence[int] | None, layers: Sequence[int] | None,
                       max_batch_rows: int | None, progress: bool, share_prefix: bool,
                       keys: Sequence[tuple[int, int]] | None, kinds: Sequence[str],
-                      share_opening: bool) -> list[CandidateScore]:
+                      share_opening: bool, fast_forward: bool, fuse: bool) -> list[CandidateScore]:
     """`score_candidates` inside its kernel choices."""
     want_bypass, want_induce, want_kl = ("bypass" in kinds), ("induce" in kinds), ("kl" in kinds)
     if (want_bypass and not harmful_val) or ((want_induce or want_kl) and not harmless_val):
@@ -546,20 +727,24 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
                  "the same token embedding): their bypass and KL scores are NaN", int((~ablatable).sum()))
 
     harmful_ids, harmless_ids = _tokenize_each(lm, harmful_val), _tokenize_each(lm, harmless_val)
+    if not (want_induce or want_kl):
+        harmless_ids = []  # no baseline pass needed
+
+    opening = common_opening(harmful_ids + harmless_ids) if share_opening else []
+    passes = _choose_passes(lm, unit_dirs, add_vecs, keys, opening, harmless_ids or harmful_ids, finite,
+                            fast_forward, fuse)
+    opening = passes.opening
 
     # Baseline of the harmless prompts in groups of similar length (computed once, for the KL); with
     # share_prefix, each group's block inputs are kept so the induce rows can start at their layer.
-    if not (want_induce or want_kl):
-        harmless_ids = []  # no baseline pass needed
     by_length = sorted(range(len(harmless_ids)), key=lambda i: len(harmless_ids[i]))
     group_size = max(1, PREFIX_GROUP_ROWS_FACTOR * max_batch_rows // max(1, len(keys))) if share_prefix \
         else max_batch_rows
     groups = [by_length[i:i + group_size] for i in range(0, len(by_length), group_size)]
     prefixes, base_parts = [], []
     for group in groups:
-        seqs = [harmless_ids[i] for i in group]
-        logits, prefix = _capture_prefix(lm, seqs) if share_prefix else (_last_logits(lm, seqs), None)
-        if share_prefix and not prefixes and not _replay_matches(lm, prefix, logits):
+        logits, prefix = passes.baseline([harmless_ids[i] for i in group], share_prefix)
+        if share_prefix and not prefixes and not passes.replay_matches(prefix, logits):
             share_prefix = False
         prefixes.append(prefix if share_prefix else None)
         base_parts.append(torch.log_softmax(logits.double(), dim=-1))
@@ -568,20 +753,6 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
         base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
         base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
     group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
-
-    opening = common_opening(harmful_ids + harmless_ids) if share_opening else []
-    if opening:
-        check = harmless_ids[:8] or harmful_ids[:8]
-        if not _opening_matches(lm, opening, check, _last_logits(lm, check)):
-            opening = []
-
-    def hooks_for(cands: Sequence[int], induce: Sequence[bool]):
-        """Per-row hooks: row i ablates candidate cands[i] everywhere, or adds it at its layer if induce[i]."""
-        cand = _to_device(list(cands), lm.device)
-        dirs = unit_dirs[cand] * _to_device([not a for a in induce], lm.device, lm.dtype).unsqueeze(-1)
-        layers = [keys[c][1] if a else -1 for c, a in zip(cands, induce)]
-        return per_row_interventions(lm, None if all(induce) else dirs, add_vecs[cand] if any(induce) else None,
-                                     layers)
 
     # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
     rows, replay_rows = [], []
@@ -594,22 +765,13 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
             (replay_rows if share_prefix else rows).extend(
                 (len(s), INDUCE, c, i) for i, s in enumerate(harmless_ids))
     rows.sort(key=lambda r: r[0])  # similar lengths share a batch: little padding
-    replay_rows.sort(key=lambda r: (group_of[r[3]][0], keys[r[2]][1]))  # by group, then start layer
+    # by group, then length (a batch of the sweep forward pads only to its own longest prompt), then start layer
+    replay_rows.sort(key=lambda r: (group_of[r[3]][0], r[0], keys[r[2]][1]))
 
     def step(batch: Sequence[tuple[int, int, int, int]]) -> Sequence[torch.Tensor]:
         _, kinds, cands, prompts = zip(*batch)
         seqs = [(harmful_ids if k == BYPASS else harmless_ids)[p] for k, p in zip(kinds, prompts)]
-        induce = [k == INDUCE for k in kinds]
-        past = None
-        if opening:  # the opening once per distinct intervention, then copied to its rows
-            distinct: dict[tuple[int, bool], int] = {}
-            slot = [distinct.setdefault((c, a), len(distinct)) for c, a in zip(cands, induce)]
-            with hooks_for([c for c, _ in distinct], [a for _, a in distinct]):
-                past = _opening_cache(lm, opening, len(distinct))
-            past.reorder_cache(_to_device(slot, lm.device))
-            seqs = [s[len(opening):] for s in seqs]
-        with hooks_for(cands, induce):
-            logits = _last_logits(lm, seqs, past, len(opening))  # [batch, vocab]
+        logits = passes.rows(seqs, cands, [k == INDUCE for k in kinds])  # [batch, vocab]
         kl_rows = [i for i, k in enumerate(kinds) if k == KL]
         metric_rows = [i for i, k in enumerate(kinds) if k != KL]
         values = _row_values(logits, metric_rows, kl_rows, [prompts[i] for i in kl_rows], base_logp, refusal_ids)
@@ -619,9 +781,7 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
         out = []
         for g in sorted({group_of[r[3]][0] for r in batch}):  # batch is sorted by group
             part = [r for r in batch if group_of[r[3]][0] == g]
-            cand = _to_device([r[2] for r in part], lm.device)
-            logits = _replay(lm, prefixes[g], [group_of[r[3]][1] for r in part], [keys[r[2]][1] for r in part],
-                             add_vecs[cand])
+            logits = passes.replay(prefixes[g], [group_of[r[3]][1] for r in part], [r[2] for r in part])
             out += refusal_metric(logits, refusal_ids).unbind()
         return out
 
@@ -636,7 +796,7 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
     means = (sums / counts).view(len(keys), 3)  # 0/0 = NaN for candidates that were not scored
     scores = [CandidateScore(p, layer, float(means[c, BYPASS]), float(means[c, INDUCE]), float(means[c, KL]))
               for c, (p, layer) in enumerate(keys)]
-    notes = ([f"a {len(opening)}-token chat-template opening shared"] if opening else []) + \
+    notes = [passes.name] + ([f"a {len(opening)}-token chat-template opening shared"] if opening else []) + \
         (["induce rows from shared prefixes"] if share_prefix else [])
     log.info("scored %d candidates on %d harmful + %d harmless prompts (%d rows%s) in %.2fs", len(keys),
              len(harmful_val), len(harmless_val), len(rows), "".join(", " + n for n in notes),
