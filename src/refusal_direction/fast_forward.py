@@ -142,13 +142,13 @@ class Kernels:
     triton_act: int | None = None  # triton_kernels.GELU_TANH / SILU
     triton_rotary: bool = False
     shape: tuple[int, int, int] = (0, 0, 0)  # query heads, key/value heads, head dim
+    tk: object = None  # the triton_kernels module, once imported
 
     def residual(self, x, a, u, v, norm: nn.Module, ablate_sum: bool):
         """(new residual, its norm): x + ablate(a) [, ablated] [+ v], then ``norm`` of that."""
         spec = None if self.triton_residual is None else self.triton_residual.get(id(norm))
         if spec is not None:
-            from . import triton_kernels as tk
-            return tk.residual_update(x, a, u, v, spec[1], spec[2], spec[0], ablate_sum)
+            return self.tk.residual_update(x, a, u, v, spec[1], spec[2], spec[0], ablate_sum)
         if a is not None:
             x = x + _ablate(a, u)
         if ablate_sum:
@@ -159,16 +159,14 @@ class Kernels:
 
     def act_mul(self, block: _Block, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.triton_act is not None:
-            from . import triton_kernels as tk
-            return tk.act_mul(gate, up, self.triton_act)
+            return self.tk.act_mul(gate, up, self.triton_act)
         return block.act(gate) * up
 
     def rotary(self, qkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
         """Rotated queries [rows, n_heads, seq, hd] and keys [rows, n_kv, seq, hd] from qkv [rows, seq, width]."""
         rows, seq, _ = qkv.shape
         if self.triton_rotary:
-            from . import triton_kernels as tk
-            qk = tk.rotary(qkv, cos, sin, n_heads, n_kv, head_dim)
+            qk = self.tk.rotary(qkv, cos, sin, n_heads, n_kv, head_dim)
             return qk[:, :n_heads], qk[:, n_heads:]
         qk = qkv[..., :(n_heads + n_kv) * head_dim].view(rows, seq, n_heads + n_kv, head_dim).transpose(1, 2)
         qk = qk * cos + _rotate_half(qk) * sin  # cos, sin [seq, hd] broadcast
@@ -186,7 +184,7 @@ class Kernels:
         except ImportError as exc:
             log.info("triton unavailable (%s): the sweep's forward uses PyTorch kernels", exc)
             return cls(shape=shape)
-        kernels, notes = cls(shape=shape), []
+        kernels, notes = cls(shape=shape, tk=tk), []
         kernels.triton_residual = _checked("residual+norm", lambda: _verified_norms(tk, blocks, final_norm), {})
         notes.append(f"residual+norm kernel for {len(kernels.triton_residual)} norms")
         act = _checked("act·up", lambda: _verified_act(tk, blocks[0]), None)

@@ -51,7 +51,7 @@ import torch
 from .batching import run_batched
 from .directions import CandidateDirections
 from .errors import UserError
-from .fast_forward import RowInterventions, SweepDecoder, cat_interventions
+from .fast_forward import RowInterventions, SweepDecoder, cat_interventions, device_tensor
 from .fusion import fused_kernels, restricted_sdpa
 from .interventions import ablate_rows, input_hook, output_hook
 from .model import LoadedModel
@@ -170,7 +170,7 @@ def refusal_metric(logits_last: torch.Tensor, refusal_ids: Sequence[int]) -> tor
 
 
 def _metric_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
-    ids = _to_device(list(refusal_ids), logprobs.device)
+    ids = device_tensor(list(refusal_ids), logprobs.device)
     p = logprobs.index_select(-1, ids).exp().sum(-1)  # [batch] float64
     return torch.log(p + EPS) - torch.log(1.0 - p + EPS)
 
@@ -203,7 +203,7 @@ def per_row_interventions(
                 handles.append(site.attn_out.register_forward_hook(output_hook(fn_ablate)))
                 handles.append(site.mlp_out.register_forward_hook(output_hook(fn_ablate)))
         if add_vectors is not None:
-            layers = _to_device(list(add_layers), add_vectors.device)  # [batch]
+            layers = device_tensor(list(add_layers), add_vectors.device)  # [batch]
             for layer in sorted(set(add_layers) - {-1}):
                 vec = torch.where((layers == layer).unsqueeze(-1), add_vectors, 0)  # [batch, d]
 
@@ -235,21 +235,12 @@ def _tokenize_each(lm: LoadedModel, instructions: Sequence[str]) -> list[list[in
     return lm.tokenizer([lm.format(x) for x in instructions], add_special_tokens=False)["input_ids"]
 
 
-def _to_device(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A small host list as a device tensor; on CUDA through pinned memory, so the copy does not wait
-    for queued kernels (a plain copy would synchronise the stream and stall the pipeline)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask`` [batch, max_len], as tokenize_prompts makes them."""
     width = max(len(s) for s in seqs)
     ids = [[pad_id] * (width - len(s)) + list(s) for s in seqs]
     mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
-    return _to_device(ids, device), _to_device(mask, device)
+    return device_tensor(ids, device), device_tensor(mask, device)
 
 
 def _last_logits(lm: LoadedModel, seqs: Sequence[Sequence[int]], past=None, past_len: int = 0) -> torch.Tensor:
@@ -301,7 +292,7 @@ def common_opening(seqs: Sequence[Sequence[int]]) -> list[int]:
 def _opening_cache(lm: LoadedModel, opening: Sequence[int], n: int):
     """KV cache of ``opening`` for ``n`` rows, computed under whatever hooks are active (row i = intervention i).
     Runs the decoder alone where the model exposes it: no LM head for tokens whose logits nobody reads."""
-    ids = _to_device([list(opening)], lm.device).expand(n, -1)
+    ids = device_tensor([list(opening)], lm.device).expand(n, -1)
     decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else None
     return (decoder if isinstance(decoder, torch.nn.Module) else lm.model)(input_ids=ids,
                                                                           use_cache=True).past_key_values
@@ -397,11 +388,11 @@ def _replay(lm: LoadedModel, prefix: _Prefix, prompts: Sequence[int], starts: Se
             joining.append(order[nxt])
             nxt += 1
         if joining:
-            x = prefix.resid[layer].index_select(0, _to_device([prompts[i] for i in joining], lm.device))
-            x = x + vectors.index_select(0, _to_device(joining, lm.device)).unsqueeze(1)  # [n_join, seq, d]
+            x = prefix.resid[layer].index_select(0, device_tensor([prompts[i] for i in joining], lm.device))
+            x = x + vectors.index_select(0, device_tensor(joining, lm.device)).unsqueeze(1)  # [n_join, seq, d]
             h = x if h is None else torch.cat([h, x])
             active += joining
-            rows = _to_device([prompts[i] for i in active], lm.device)
+            rows = device_tensor([prompts[i] for i in active], lm.device)
         args, kwargs = prefix.calls[layer]
         out = lm.blocks[layer].block(h, *_select_rows(args, rows, prefix.batch),
                                      **_select_rows(kwargs, rows, prefix.batch))
@@ -411,7 +402,7 @@ def _replay(lm: LoadedModel, prefix: _Prefix, prompts: Sequence[int], starts: Se
     if cap:
         logits = torch.tanh(logits / cap) * cap
     out = torch.empty_like(logits)
-    out[_to_device(active, lm.device)] = logits
+    out[device_tensor(active, lm.device)] = logits
     return out
 
 
@@ -485,6 +476,16 @@ def _distinct(cands: Sequence[int], induce: Sequence[bool]) -> tuple[list[tuple[
     return list(distinct), slot
 
 
+def _row_interventions(unit_dirs, add_vecs, keys, cands: Sequence[int], induce: Sequence[bool]):
+    """(directions to ablate [rows, d] or None, vectors to add [rows, d] or None, layer to add at per row, -1: none)
+    for rows that ablate candidate cands[i], or add it at its layer if induce[i]."""
+    cand = device_tensor(list(cands), unit_dirs.device)
+    dirs = None if all(induce) else \
+        unit_dirs[cand] * device_tensor([not a for a in induce], unit_dirs.device, unit_dirs.dtype).unsqueeze(-1)
+    adds = add_vecs[cand] if any(induce) else None
+    return dirs, adds, tuple(keys[c][1] if a else -1 for c, a in zip(cands, induce))
+
+
 @dataclass(eq=False)
 class _HFPasses:
     lm: LoadedModel
@@ -495,11 +496,8 @@ class _HFPasses:
     name: str = "HF forward with per-row hooks"
 
     def _hooks(self, cands: Sequence[int], induce: Sequence[bool]):
-        cand = _to_device(list(cands), self.lm.device)
-        dirs = self.unit_dirs[cand] * _to_device([not a for a in induce], self.lm.device, self.lm.dtype).unsqueeze(-1)
-        layers = [self.keys[c][1] if a else -1 for c, a in zip(cands, induce)]
-        return per_row_interventions(self.lm, None if all(induce) else dirs,
-                                     self.add_vecs[cand] if any(induce) else None, layers)
+        return per_row_interventions(self.lm, *_row_interventions(self.unit_dirs, self.add_vecs, self.keys, cands,
+                                                                  induce))
 
     def rows(self, seqs, cands, induce) -> torch.Tensor:
         past = None
@@ -507,7 +505,7 @@ class _HFPasses:
             distinct, slot = _distinct(cands, induce)
             with self._hooks(*zip(*distinct)):
                 past = _opening_cache(self.lm, self.opening, len(distinct))
-            past.reorder_cache(_to_device(slot, self.lm.device))
+            past.reorder_cache(device_tensor(slot, self.lm.device))
             seqs = [s[len(self.opening):] for s in seqs]
         with self._hooks(cands, induce):
             return _last_logits(self.lm, seqs, past, len(self.opening))
@@ -519,7 +517,7 @@ class _HFPasses:
         return _replay_matches(self.lm, prefix, logits)
 
     def replay(self, prefix: _Prefix, prompts, cands) -> torch.Tensor:
-        vectors = self.add_vecs[_to_device(list(cands), self.lm.device)]
+        vectors = self.add_vecs[device_tensor(list(cands), self.lm.device)]
         return _replay(self.lm, prefix, prompts, [self.keys[c][1] for c in cands], vectors)
 
 
@@ -552,18 +550,13 @@ class _FastPasses:
                                                                                 self.unit_dirs), 2 * n + 1)
 
     def _interventions(self, cands, induce) -> RowInterventions:
-        device = self.unit_dirs.device
-        cand = _to_device(list(cands), device)
-        dirs = None if all(induce) else \
-            self.unit_dirs[cand] * _to_device([not a for a in induce], device, self.unit_dirs.dtype).unsqueeze(-1)
-        adds = self.add_vecs[cand] if any(induce) else None
-        return RowInterventions(dirs, adds, tuple(self.keys[c][1] if a else -1 for c, a in zip(cands, induce)))
+        return RowInterventions(*_row_interventions(self.unit_dirs, self.add_vecs, self.keys, cands, induce))
 
     def _slots(self, cands, induce) -> torch.Tensor | None:
         if self.prefix is None:
             return None
         n = len(self.keys)
-        return _to_device([1 + c + (n if a else 0) for c, a in zip(cands, induce)], self.unit_dirs.device)
+        return device_tensor([1 + c + (n if a else 0) for c, a in zip(cands, induce)], self.unit_dirs.device)
 
     def rows(self, seqs, cands, induce) -> torch.Tensor:
         seqs = [s[len(self.opening):] for s in seqs]
@@ -584,7 +577,7 @@ class _FastPasses:
         width = max(lengths[p] for p in prompts)  # right padding: positions past every row's end can go
         resid = [r[:, :width] for r in resid]
         starts = [self.keys[c][1] for c in cands]
-        vectors = self.add_vecs[_to_device(list(cands), self.unit_dirs.device)]
+        vectors = self.add_vecs[device_tensor(list(cands), self.unit_dirs.device)]
         return self.decoder.replay(resid, last, prompts, starts, vectors, self.prefix,
                                    self._slots(cands, [True] * len(cands)))
 
@@ -751,7 +744,7 @@ def _score_candidates(lm: LoadedModel, candidates: CandidateDirections, harmful_
     base_logp = None
     if base_parts:
         base_logp = torch.empty(len(harmless_ids), base_parts[0].shape[-1], dtype=torch.float64, device=lm.device)
-        base_logp[_to_device(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
+        base_logp[device_tensor(by_length, lm.device)] = torch.cat(base_parts)  # [n_harmless, vocab] float64
     group_of = {i: (g, j) for g, group in enumerate(groups) for j, i in enumerate(group)}  # prompt -> (group, row)
 
     # One row per (candidate, kind, prompt): (prompt length, kind, candidate, prompt).
@@ -808,11 +801,11 @@ def _row_values(logits, metric_rows, kl_rows, kl_prompts, base_logp, refusal_ids
     """Refusal metric of ``metric_rows``, KL(baseline ‖ row) of ``kl_rows``: [batch] float64, on device."""
     out = torch.empty(logits.shape[0], dtype=torch.float64, device=logits.device)
     for s in range(0, len(metric_rows), REDUCE_ROWS):
-        idx = _to_device(metric_rows[s:s + REDUCE_ROWS], logits.device)
+        idx = device_tensor(metric_rows[s:s + REDUCE_ROWS], logits.device)
         out[idx] = refusal_metric(logits[idx], refusal_ids)
     for s in range(0, len(kl_rows), REDUCE_ROWS):
-        idx = _to_device(kl_rows[s:s + REDUCE_ROWS], logits.device)
-        base = base_logp[_to_device(kl_prompts[s:s + REDUCE_ROWS], logits.device)]  # [rows, vocab]
+        idx = device_tensor(kl_rows[s:s + REDUCE_ROWS], logits.device)
+        base = base_logp[device_tensor(kl_prompts[s:s + REDUCE_ROWS], logits.device)]  # [rows, vocab]
         logp = torch.log_softmax(logits[idx].double(), dim=-1)
         out[idx] = (base.exp() * (base - logp)).sum(-1)
     return out
