@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from refusal_direction.activations import mean_resid_pre
+from refusal_direction.accel.fast_generation import generate_fast_ids
 from refusal_direction.bench import prompt_ids, random_model, synthetic_instructions
-from refusal_direction.fast_generation import generate_fast_ids
-from refusal_direction.interventions import Baseline, DirectionalAblation
+from refusal_direction.core.activations import mean_resid_pre
+from refusal_direction.core.interventions import Baseline, DirectionalAblation
 
 
 def main() -> None:

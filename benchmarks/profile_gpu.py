@@ -18,10 +18,10 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
+from refusal_direction.accel.fusion import fused_form
 from refusal_direction.bench import random_model, sweep_inputs, synthetic_instructions
-from refusal_direction.fast_generation import generate_fast_ids, prompt_ids
-from refusal_direction.fusion import fused_form
-from refusal_direction.interventions import Baseline, DirectionalAblation
+from refusal_direction.core.interventions import Baseline, DirectionalAblation
 from refusal_direction.selection import score_candidates
 
 CATEGORIES = [  # first match wins

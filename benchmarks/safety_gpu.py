@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from guard_fixtures import guard_tokenizer  # noqa: E402
 
-from refusal_direction.safety import SafetyScorer  # noqa: E402
+from refusal_direction.evaluation.safety import SafetyScorer  # noqa: E402
 
 WORDS = ("the of and to in is that for it as with was on be by this are or an from at which but not have "
          "step first then use mix heat water add until make sure you will need about minutes small large "

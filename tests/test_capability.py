@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny import tiny_gemma
 
-from refusal_direction.capability import completion_cross_entropy, next_token_kl
-from refusal_direction.interventions import ActivationAddition, Baseline, DirectionalAblation
+from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
+from refusal_direction.evaluation.capability import completion_cross_entropy, next_token_kl
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "hi", "List three colours.", "Why?"]
 COMPLETIONS = ["Mix flour and water.", "The sea is wide", "Hello!", "red, green, blue", ""]
@@ -42,7 +42,7 @@ def test_kl_of_ablation_is_positive_and_batch_independent(lm, r):
 
 def hand_ce(lm, instruction, completion, intervention):
     """One example at a time, no padding: sum of -log p over the completion tokens, and their count."""
-    from refusal_direction.interventions import apply_intervention
+    from refusal_direction.core.interventions import apply_intervention
 
     prompt = lm.tokenizer(lm.format(instruction), add_special_tokens=False)["input_ids"]
     comp = lm.tokenizer(completion, add_special_tokens=False)["input_ids"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from refusal_direction.data import (
+from refusal_direction.data.instructions import (
     DataFile,
     ensure_downloaded,
     load_instructions,

@@ -7,7 +7,9 @@ import pytest
 import torch
 from tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
 
-from refusal_direction.directions import Direction
+from refusal_direction.core.directions import Direction
+from refusal_direction.core.interventions import DirectionalAblation, apply_intervention
+from refusal_direction.core.model import wrap_model
 from refusal_direction.errors import UserError
 from refusal_direction.export import (
     EXPORT_INFO,
@@ -17,8 +19,6 @@ from refusal_direction.export import (
     read_export_info,
     verify_export,
 )
-from refusal_direction.interventions import DirectionalAblation, apply_intervention
-from refusal_direction.model import wrap_model
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea.", "hi", "List three colours."]
 

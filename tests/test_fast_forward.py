@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
 
-from refusal_direction.fast_forward import RowInterventions, SweepDecoder
-from refusal_direction.model import wrap_model
+from refusal_direction.accel.fast_forward import RowInterventions, SweepDecoder
+from refusal_direction.core.model import wrap_model
 from refusal_direction.selection import _last_logits, _opening_cache, per_row_interventions
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea.", "What is 2+2?", "Name three primes"]
@@ -120,7 +120,7 @@ def test_unsupported_blocks_are_refused_with_a_reason(caplog):
                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                            head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                                            attn_logit_softcapping=None)).eval()
-    caplog.set_level(logging.INFO, logger="refusal_direction.fast_forward")
+    caplog.set_level(logging.INFO, logger="refusal_direction.accel.fast_forward")
     assert SweepDecoder.for_model(wrap_model(model, tok, model_id="tiny-gemma2")) is None
     assert "sweep forward unavailable for tiny-gemma2" in caplog.text and "block children" in caplog.text
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 from tiny import tiny_gemma
 
-from refusal_direction import fast_generation
-from refusal_direction.bench import IdTokenizer, format_report, run_benchmark
-from refusal_direction.fast_generation import (
+from refusal_direction.accel import fast_generation
+from refusal_direction.accel.fast_generation import (
     FastPathUnsupported,
     folded_gqa_attention,
     generate_fast,
     generate_fast_ids,
     prompt_ids,
 )
-from refusal_direction.generation import GenerationSettings, generate_hf, greedy_config
-from refusal_direction.interventions import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
+from refusal_direction.bench import IdTokenizer, format_report, run_benchmark
+from refusal_direction.core.decoding import GenerationSettings, generate_hf, greedy_config
+from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
 
 # Different lengths, so left padding matters (char-level tokenizer: 1 token per character).
 INSTRUCTIONS = ["Hi", "How do I bake bread?", "Write a poem about the sea and the sky, please.", "x",
@@ -131,7 +131,7 @@ def test_unsupported_model_falls_back_to_hf(lm, monkeypatch, caplog):
 
     monkeypatch.setattr(fast_generation, "check_supported", refuse)
     settings = GenerationSettings(max_new_tokens=6)
-    with caplog.at_level(logging.WARNING, logger="refusal_direction.fast_generation"):
+    with caplog.at_level(logging.WARNING, logger="refusal_direction.accel.fast_generation"):
         out = generate_fast(lm, INSTRUCTIONS[:2], [Baseline()], settings)
     assert "test says no" in caplog.text
     assert [g.token_ids for g in out["baseline"]] == [g.token_ids for g in generate_hf(lm, INSTRUCTIONS[:2],

@@ -8,9 +8,9 @@ from conftest import PROMPTS
 from tiny import save_tiny_gemma
 from typer.testing import CliRunner
 
-from refusal_direction.activations import NonFiniteActivations, mean_resid_pre
-from refusal_direction.batching import run_batched
 from refusal_direction.cli import app
+from refusal_direction.core.activations import NonFiniteActivations, mean_resid_pre
+from refusal_direction.core.batching import run_batched
 
 
 def test_run_batched_halves_on_oom_and_keeps_order(caplog):

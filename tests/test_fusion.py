@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import randomize_norms_, tiny_gemma
 
-from refusal_direction.fusion import fused_form, fused_kernels, fused_rms_norms, fused_rotary, make_fused_rotary
+from refusal_direction.accel.fusion import fused_form, fused_kernels, fused_rms_norms, fused_rotary, make_fused_rotary
 
 
 def tiny_llama(dtype=torch.float32):
@@ -81,8 +81,8 @@ def test_nothing_is_swapped_off_the_listed_devices_or_when_disabled():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_norms_on_cuda_keep_greedy_tokens():
-    from refusal_direction.fast_generation import generate_fast_ids, prompt_ids
-    from refusal_direction.interventions import Baseline, DirectionalAblation
+    from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
+    from refusal_direction.core.interventions import Baseline, DirectionalAblation
 
     lm = tiny_gemma(n_layers=3, hidden=64, seed=0)
     lm.model.to("cuda", torch.bfloat16)

@@ -3,8 +3,8 @@
 import torch
 from conftest import PROMPTS
 
-from refusal_direction.generation import GenerationSettings, generate_hf
-from refusal_direction.interventions import Baseline, DirectionalAblation
+from refusal_direction.core.decoding import GenerationSettings, generate_hf
+from refusal_direction.core.interventions import Baseline, DirectionalAblation
 
 
 def test_greedy_generation_is_deterministic_and_batch_independent(tiny_lm):

@@ -3,9 +3,9 @@
 import torch
 from conftest import PROMPTS
 
-from refusal_direction.activations import mean_resid_pre
-from refusal_direction.directions import diff_in_means
-from refusal_direction.interventions import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
+from refusal_direction.core.activations import mean_resid_pre
+from refusal_direction.core.directions import diff_in_means
+from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
 
 
 def _residuals(lm, prompts):

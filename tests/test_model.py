@@ -5,9 +5,9 @@ import torch
 from conftest import PROMPTS
 from tiny import save_tiny_gemma, tiny_gemma_tokenizer
 
-from refusal_direction.activations import capture_resid_pre
+from refusal_direction.core.activations import capture_resid_pre
+from refusal_direction.core.model import GEMMA_PREFIX, GEMMA_SUFFIX, derive_chat_format, load_model
 from refusal_direction.errors import UserError
-from refusal_direction.model import GEMMA_PREFIX, GEMMA_SUFFIX, derive_chat_format, load_model
 
 
 def test_gemma_post_instruction_tokens_are_the_papers_five(tiny_lm):

@@ -11,13 +11,14 @@ import os
 import pytest
 import torch
 
-from refusal_direction.activations import mean_resid_pre
-from refusal_direction.data import sample_sets
-from refusal_direction.directions import diff_in_means
+from refusal_direction.core.activations import mean_resid_pre
+from refusal_direction.core.decoding import GenerationSettings
+from refusal_direction.core.directions import diff_in_means
+from refusal_direction.core.interventions import Baseline, DirectionalAblation
+from refusal_direction.data.instructions import sample_sets
 from refusal_direction.errors import UserError
-from refusal_direction.generation import GenerationSettings, generate
-from refusal_direction.interventions import Baseline, DirectionalAblation
-from refusal_direction.scoring import is_refusal
+from refusal_direction.evaluation.refusal import is_refusal
+from refusal_direction.generation import generate
 
 pytestmark = pytest.mark.real_model
 
@@ -26,8 +27,8 @@ LAYER, POSITION = 15, -1  # chosen by `refusal-direction demo` (--select auto); 
 
 @pytest.fixture(scope="module")
 def qwen():
-    from refusal_direction.fetch import fetch_model
-    from refusal_direction.model import load_model
+    from refusal_direction.core.fetch import fetch_model
+    from refusal_direction.core.model import load_model
 
     try:
         path = fetch_model("qwen2.5-coder-0.5b-instruct")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from refusal_direction.errors import UserError
+from refusal_direction.evaluation.stats import agreement_table, mcnemar, rate
 from refusal_direction.report import (
     EXAMPLE_CHARS,
     build_report,
@@ -18,7 +19,6 @@ from refusal_direction.report import (
     example_pairs,
     render_markdown,
 )
-from refusal_direction.stats import agreement_table, mcnemar, rate
 
 JBB_CATEGORIES = ["Harassment/Discrimination", "Malware/Hacking", "Physical harm", "Economic harm", "Fraud/Deception",
                   "Disinformation", "Sexual/Adult content", "Privacy", "Expert advice", "Government decision-making"]

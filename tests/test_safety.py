@@ -5,7 +5,7 @@ import torch
 from guard_fixtures import BOS, guard_reference_dir, guard_tokenizer, save_tiny_guard, tiny_guard
 
 from refusal_direction.errors import UserError
-from refusal_direction.safety import (
+from refusal_direction.evaluation.safety import (
     AnswerTokens,
     SafetyScorer,
     is_short,
@@ -131,7 +131,7 @@ def test_long_completion_is_cut_from_the_end(caplog):
     scorer = SafetyScorer(model, tok, max_length=300)
     full = len(scorer.prompt_ids("Hi", ""))
     long = " ".join(f"word{i}" for i in range(200))
-    with caplog.at_level(logging.WARNING, logger="refusal_direction.safety"):
+    with caplog.at_level(logging.WARNING, logger="refusal_direction.evaluation.safety"):
         ids = scorer.prompt_ids("Hi", long)
     assert full < len(ids) <= 300 and "completion cut from" in caplog.text
     assert tok.decode(ids).split("Agent: ")[1].startswith("word0 word1")

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from refusal_direction.scorefile import score_file
-from refusal_direction.scoring import REFUSAL_SUBSTRINGS, is_refusal
+from refusal_direction.evaluation.refusal import REFUSAL_SUBSTRINGS, is_refusal
+from refusal_direction.evaluation.scorefile import score_file
 
 
 def test_twelve_substrings_case_insensitive():

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from refusal_direction.activations import mean_resid_pre
-from refusal_direction.directions import diff_in_means
+from refusal_direction.core.activations import mean_resid_pre
+from refusal_direction.core.directions import diff_in_means
+from refusal_direction.core.interventions import ActivationAddition, DirectionalAblation, apply_intervention
 from refusal_direction.errors import UserError
-from refusal_direction.interventions import ActivationAddition, DirectionalAblation, apply_intervention
 from refusal_direction.selection import (
     CandidateScore,
     SelectionThresholds,
@@ -200,8 +200,8 @@ def test_lazy_selection_chooses_what_the_full_sweep_chooses():
     """Lazy evaluation (bypass for all, induce/KL in bypass order) gives the full sweep's choice."""
     from tiny import tiny_gemma
 
-    from refusal_direction.activations import mean_resid_pre
-    from refusal_direction.directions import diff_in_means
+    from refusal_direction.core.activations import mean_resid_pre
+    from refusal_direction.core.directions import diff_in_means
     from refusal_direction.selection import (
         SelectionThresholds,
         discard_reasons,

@@ -4,7 +4,7 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from refusal_direction.stats import agreement_table, cohen_kappa, mcnemar, rate, wilson_interval
+from refusal_direction.evaluation.stats import agreement_table, cohen_kappa, mcnemar, rate, wilson_interval
 
 
 def wilson_reference(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

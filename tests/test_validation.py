@@ -8,7 +8,7 @@ from tiny import save_tiny_gemma, tiny_gemma_tokenizer
 from typer.testing import CliRunner
 
 from refusal_direction.cli import app
-from refusal_direction.directions import Direction, save_direction
+from refusal_direction.core.directions import Direction, save_direction
 
 BASE = ["--n-train", "4", "--n-val", "2", "--n-eval", "2", "--n-harmless-eval", "2", "--max-new-tokens", "2",
         "--device", "cpu", "--no-safety"]

@@ -72,7 +72,7 @@ def tiny_gemma_hf(n_layers: int = 3, hidden: int = 64, seed: int = 0, tie: bool 
 
 
 def tiny_gemma(n_layers: int = 3, hidden: int = 64, seed: int = 0, tie: bool = True):
-    from refusal_direction.model import wrap_model
+    from refusal_direction.core.model import wrap_model
 
     model, tok = tiny_gemma_hf(n_layers, hidden, seed, tie)
     return wrap_model(model, tok, model_id="tiny-gemma")

@@ -18,9 +18,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from refusal_direction import triton_kernels as tk  # noqa: E402
-from refusal_direction.fast_forward import Kernels, RowInterventions, SweepDecoder  # noqa: E402
-from refusal_direction.fusion import fused_form, norm_eps  # noqa: E402
+from refusal_direction.accel import triton_kernels as tk  # noqa: E402
+from refusal_direction.accel.fast_forward import Kernels, RowInterventions, SweepDecoder  # noqa: E402
+from refusal_direction.accel.fusion import fused_form, norm_eps  # noqa: E402
 
 
 @triton.jit

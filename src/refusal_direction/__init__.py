@@ -8,15 +8,15 @@ Python API (heavy modules are imported on first use)::
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "model", "LoadedModel": "model",
-    "mean_resid_pre": "activations",
-    "diff_in_means": "directions", "Direction": "directions", "CandidateDirections": "directions",
-    "load_direction": "directions", "save_direction": "directions",
-    "Baseline": "interventions", "DirectionalAblation": "interventions", "ActivationAddition": "interventions",
-    "apply_intervention": "interventions",
-    "generate": "generation", "GenerationSettings": "generation",
-    "is_refusal": "scoring",
-    "sample_sets": "data", "load_instructions": "data",
+    "load_model": "core.model", "LoadedModel": "core.model",
+    "mean_resid_pre": "core.activations",
+    "diff_in_means": "core.directions", "Direction": "core.directions", "CandidateDirections": "core.directions",
+    "load_direction": "core.directions", "save_direction": "core.directions",
+    "Baseline": "core.interventions", "DirectionalAblation": "core.interventions",
+    "ActivationAddition": "core.interventions", "apply_intervention": "core.interventions",
+    "generate": "generation", "GenerationSettings": "core.decoding",
+    "is_refusal": "evaluation.refusal",
+    "sample_sets": "data.instructions", "load_instructions": "data.instructions",
     "orthogonalize_weights_": "export",
     "RunConfig": "config", "build_config": "config",
 }

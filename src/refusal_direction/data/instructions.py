@@ -24,8 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .fileio import atomic_write_bytes
+from ..errors import UserError
+from ..fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

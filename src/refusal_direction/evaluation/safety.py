@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
-from .batching import run_batched
-from .errors import UserError
-from .model import resolve_device, resolve_dtype
+from ..core.batching import run_batched
+from ..core.model import resolve_device, resolve_dtype
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.model import LoadedModel
 from .fusion import fused_form, norm_eps
-from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 

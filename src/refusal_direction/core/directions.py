@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .fileio import atomic_write_bytes, atomic_write_json
+from ..errors import UserError
+from ..fileio import atomic_write_bytes, atomic_write_json
 
 
 @dataclass(frozen=True, eq=False)

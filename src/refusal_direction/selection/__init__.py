@@ -48,13 +48,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .batching import run_batched
-from .directions import CandidateDirections
-from .errors import UserError
-from .fast_forward import RowInterventions, SweepDecoder, cat_interventions, device_tensor
-from .fusion import fused_kernels, restricted_sdpa
-from .interventions import ablate_rows, input_hook, output_hook
-from .model import LoadedModel
+from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions, device_tensor
+from ..accel.fusion import fused_kernels, restricted_sdpa
+from ..core.batching import run_batched
+from ..core.directions import CandidateDirections
+from ..core.interventions import ablate_rows, input_hook, output_hook
+from ..core.model import LoadedModel
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import UserError
-from .fast_generation import FastResult, generate_fast_ids, kv_bytes_per_token, prompt_ids
-from .interventions import Baseline, DirectionalAblation, Intervention, apply_intervention
-from .model import ChatFormat, LoadedModel, find_blocks
+from ..accel.fast_generation import FastResult, generate_fast_ids, kv_bytes_per_token, prompt_ids
+from ..core.interventions import Baseline, DirectionalAblation, Intervention, apply_intervention
+from ..core.model import ChatFormat, LoadedModel, find_blocks
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
     """
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    from .model import resolve_device, resolve_dtype
+    from ..core.model import resolve_device, resolve_dtype
 
     if shape not in SHAPES:
         raise UserError(f"unknown model shape {shape!r}; use one of {', '.join(SHAPES)} or a model directory")
@@ -164,7 +164,7 @@ def bench_model(model: str | LoadedModel = "tiny", device: str = "auto", dtype: 
         return as_id_model(model)
     if model in SHAPES:
         return random_model(model, device, dtype, seed)
-    from .model import load_model
+    from ..core.model import load_model
 
     return as_id_model(load_model(model, device=device, dtype=dtype))
 
@@ -208,7 +208,7 @@ def paper_generate(lm: LoadedModel, instructions: Sequence[str], intervention: I
     """The paper's approach (what `generation.generate_hf` does), forced to ``new_tokens``: HF ``generate``
     with the intervention's hooks, one batch of ``batch_size`` at a time. Returns the token ids of the
     prompts it ran and the seconds of each batch (only the first ``n_batches`` batches run)."""
-    from .generation import greedy_config
+    from ..core.decoding import greedy_config
 
     config = greedy_config(lm, new_tokens, None)
     batches = [instructions[i:i + batch_size] for i in range(0, len(instructions), batch_size)][:n_batches]
@@ -321,7 +321,7 @@ def generation_floor(lm: LoadedModel, rows: int, prompt_len: int, steps: int, ce
 
 def time_activations(lm: LoadedModel, n: int = 128, seed: int = 0, batch_size: int = 32) -> dict:
     """`activations.mean_resid_pre` over n harmful + n harmless prompts, all layers and post-instruction positions."""
-    from .activations import mean_resid_pre
+    from ..core.activations import mean_resid_pre
 
     harmful, harmless = synthetic_instructions(lm, n, seed + 1), synthetic_instructions(lm, n, seed + 2)
     mean_resid_pre(lm, harmful[:batch_size], batch_size=batch_size)  # warm-up
@@ -338,7 +338,7 @@ def time_activations(lm: LoadedModel, n: int = 128, seed: int = 0, batch_size: i
 def sweep_inputs(lm: LoadedModel, n: int = 32, seed: int = 0):
     """A selection sweep's inputs: random candidates for every (position, layer), n harmful and n harmless
     synthetic instructions, and one ordinary token id as the refusal token (id text has no words)."""
-    from .directions import CandidateDirections
+    from ..core.directions import CandidateDirections
 
     g = torch.Generator().manual_seed(seed)
     n_pos = lm.n_post_instruction
@@ -352,7 +352,7 @@ def time_selection(lm: LoadedModel, n: int = 32, seed: int = 0, repeats: int = 2
                    **options) -> dict:
     """`selection.score_candidates` over every (position, layer) candidate with n harmful + n harmless prompts:
     the first call in the process (cold) and ``repeats`` more (warm). ``options`` go to score_candidates."""
-    from .selection import score_candidates
+    from ..selection import score_candidates
 
     candidates, harmful, harmless, refusal_ids = sweep_inputs(lm, n, seed)
     n_pos = lm.n_post_instruction
@@ -383,7 +383,7 @@ def selection_floor(lm: LoadedModel, harmful: Sequence[str], harmless: Sequence[
     the LM head at its last position. Attention scores and element-wise work are left out, so the true floor is
     higher.
     """
-    from .selection import common_opening
+    from ..selection import common_opening
 
     harmful_ids, harmless_ids = prompt_ids(lm, harmful), prompt_ids(lm, harmless)
     opening = len(common_opening(harmful_ids + harmless_ids))
@@ -554,7 +554,7 @@ def bench_main(model: str = "tiny", n_prompts: int = 100, new_tokens: int = 512,
     result["command"] = (f"refusal-direction bench --model {model} --n-prompts {n_prompts} --new-tokens {new_tokens} "
                          f"--paper-batches {paper_batches}")
     if json_path:
-        from .fileio import atomic_write_json
+        from ..fileio import atomic_write_json
 
         atomic_write_json(json_path, result)
     return result

@@ -39,11 +39,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .directions import Direction
-from .errors import UserError
-from .fileio import atomic_write_json, atomic_write_text
-from .interventions import DirectionalAblation, apply_intervention
-from .model import LoadedModel, find_blocks
+from ..core.directions import Direction
+from ..core.interventions import DirectionalAblation, apply_intervention
+from ..core.model import LoadedModel, find_blocks
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _provenance(lm: LoadedModel, direction: Direction, edited: EditedWeights, run_info: dict) -> dict:
-    from . import __version__
+    from .. import __version__
 
     vec = direction.vector.double().cpu().contiguous()
     quantizer = getattr(lm.model, "hf_quantizer", None)

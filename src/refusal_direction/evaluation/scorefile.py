@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError
-from .scoring import is_refusal, per_category
+from ..errors import UserError
+from .refusal import is_refusal, per_category
 from .stats import agreement_table, rate
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .directions import check_position_layer
-from .errors import UserError
-from .fileio import atomic_write_bytes, atomic_write_text
-from .stats import wilson_interval
+from ..core.directions import check_position_layer
+from ..errors import UserError
+from ..evaluation.stats import wilson_interval
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 

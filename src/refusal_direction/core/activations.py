@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
+from ..accel.fusion import restricted_sdpa
 from .batching import run_batched
-from .fusion import restricted_sdpa
 from .model import LoadedModel
 
 log = logging.getLogger(__name__)

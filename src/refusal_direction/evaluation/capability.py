@@ -19,9 +19,9 @@ from typing import Sequence, Union
 
 import torch
 
-from .batching import run_batched
-from .interventions import Baseline, Intervention, apply_intervention
-from .model import LoadedModel
+from ..core.batching import run_batched
+from ..core.interventions import Baseline, Intervention, apply_intervention
+from ..core.model import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""Generation stage: greedy completions under an intervention, batched and left-padded.
+"""Greedy decoding: settings, stop tokens, and the paper's path (HF ``generate`` with hooks), left-padded.
 
-The plain path is HF ``generate`` with the intervention's hooks (the paper's approach). Greedy means
-argmax at every step: sampling, temperature, top-k/p and repetition penalties are all switched off
+The fast CUDA path is `accel.fast_generation`; `generation.generate_all` chooses between the two. Greedy
+means argmax at every step: sampling, temperature, top-k/p and repetition penalties are all switched off
 explicitly, whatever the model's own generation config says. Stopping at the end-of-turn token is an
 explicit option (the paper's code stopped only at ``<eos>`` and so let ~10% of gemma-2b-it's
 completions run past ``<end_of_turn>``); decoding skips special tokens, as the paper's code did.
@@ -80,19 +80,3 @@ def generate_hf(
 
     return run_batched(step, list(instructions), settings.batch_size,
                        desc=f"generate [{intervention.name}]", progress=progress)
-
-
-def generate(
-    lm: LoadedModel,
-    instructions: Sequence[str],
-    intervention: Intervention,
-    settings: GenerationSettings = GenerationSettings(),
-    progress: bool = False,
-    backend: str = "auto",
-) -> list[Generated]:
-    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``), else HF."""
-    if backend == "fast" or (backend == "auto" and lm.device.type == "cuda"):
-        from .fast_generation import generate_fast
-
-        return generate_fast(lm, instructions, [intervention], settings, progress)[intervention.name]
-    return generate_hf(lm, instructions, intervention, settings, progress)

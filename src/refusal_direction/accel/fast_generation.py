@@ -34,11 +34,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .batching import run_batched
+from ..core.batching import run_batched
+from ..core.decoding import Generated, GenerationSettings, generate_hf, stop_ids
+from ..core.interventions import Intervention, apply_intervention
+from ..core.model import LoadedModel
 from .fusion import fused_kernels, restricted_sdpa
-from .generation import Generated, GenerationSettings, generate_hf, stop_ids
-from .interventions import Intervention, apply_intervention
-from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .config import RunConfig, build_config, parse_layers
-from .data import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
-from .directions import (
+from .. import __version__
+from ..config import RunConfig, build_config, parse_layers
+from ..core.directions import (
     CandidateDirections,
     Direction,
     check_position_layer,
@@ -34,11 +33,12 @@ from .directions import (
     save_candidates,
     save_direction,
 )
-from .errors import UserError
-from .fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
-from .interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
-from .scoring import is_refusal, per_category
-from .stats import agreement_table, mcnemar, rate
+from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
+from ..data.instructions import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
+from ..errors import UserError
+from ..evaluation.refusal import is_refusal, per_category
+from ..evaluation.stats import agreement_table, mcnemar, rate
+from ..fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Run:
             if self.loader is not None:
                 self._lm = self.loader(self.config)
             else:
-                from .model import load_model
+                from ..core.model import load_model
 
                 c = self.config
                 self._lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=c.revision,
@@ -134,7 +134,7 @@ def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
 
     Writes nothing. Loads only the model's config and tokenizer (cheap), not its weights.
     """
-    from .errors import UserErrors
+    from ..errors import UserErrors
 
     problems: list[str] = []
 
@@ -180,7 +180,7 @@ def probe_model(c: RunConfig) -> tuple[int, int, int]:
     """(n_layers, d_model, n_post_instruction) from the model's config and tokenizer, without weights."""
     from transformers import AutoConfig
 
-    from .model import derive_chat_format, hub_error, load_tokenizer
+    from ..core.model import derive_chat_format, hub_error, load_tokenizer
 
     kwargs: dict = {}
     source = c.model
@@ -313,14 +313,14 @@ def stage_samples(run: Run) -> Samples:
 def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:
     if run.candidates_path.is_file() and not force:
         return load_candidates(run.candidates_path)
-    from .activations import mean_resid_pre
+    from ..core.activations import mean_resid_pre
 
     lm, c = run.lm, run.config
     t0 = time.perf_counter()
     harmful_texts = [i.text for i in samples.harmful_train]
     harmless_texts = [i.text for i in samples.harmless_train]
     if c.filter_train:
-        from .selection import filter_validation
+        from ..selection import filter_validation
 
         harmful_texts, harmless_texts = filter_validation(lm, harmful_texts, harmless_texts, batch_size=c.batch_size)
     harmful = mean_resid_pre(lm, harmful_texts, c.batch_size, progress=run.progress, desc="extract [harmful]")
@@ -364,7 +364,7 @@ def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections 
 
 
 def select_direction(run: Run, samples: Samples, candidates: CandidateDirections) -> tuple[int, int]:
-    from . import selection
+    from .. import selection
 
     lm, c = run.lm, run.config
     t0 = time.perf_counter()
@@ -419,16 +419,13 @@ def condition_intervention(condition: str, direction: Direction, coeff: float) -
     raise ValueError(condition)
 
 
-def use_fast_path(run: Run) -> bool:
-    backend = run.config.generation_backend
-    return backend == "fast" or (backend == "auto" and run.lm.device.type == "cuda")
-
-
 def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool = False) -> None:
-    from .generation import GenerationSettings
+    from ..core.decoding import GenerationSettings
+    from ..generation import choose_backend, generate_all
 
     c = run.config
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
+    per_condition = choose_backend(run.lm, c.generation_backend) == "hf"  # the fast path runs them together
     for dataset_key in ("eval", "harmless_eval"):
         todo = [cond for cond in c.conditions if CONDITION_FILES[cond][0] == dataset_key
                 and (force or not run.completions_path(cond).is_file())]
@@ -436,23 +433,16 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
             continue
         items: list[Instruction] = getattr(samples, dataset_key)
         interventions = {cond: condition_intervention(cond, direction, c.actadd_coeff) for cond in todo}
+        condition_of = {iv.name: cond for cond, iv in interventions.items()}
+
+        def done(name, gens, seconds, items=items, condition_of=condition_of):
+            write_completions(run, condition_of[name], items, gens)
+            if per_condition:
+                run.timing(f"generate_{condition_of[name]}_s", seconds)
+
         t0 = time.perf_counter()
-        if use_fast_path(run):
-            from .fast_generation import generate_fast
-
-            by_name = generate_fast(run.lm, [i.text for i in items], list(interventions.values()), settings,
-                                    progress=run.progress)
-            outputs = {cond: by_name[iv.name] for cond, iv in interventions.items()}
-            for cond, gens in outputs.items():
-                write_completions(run, cond, items, gens)
-        else:
-            from .generation import generate
-
-            for cond, iv in interventions.items():
-                t1 = time.perf_counter()
-                gens = generate(run.lm, [i.text for i in items], iv, settings, progress=run.progress)
-                write_completions(run, cond, items, gens)
-                run.timing(f"generate_{cond}_s", time.perf_counter() - t1)
+        generate_all(run.lm, [i.text for i in items], list(interventions.values()), settings,
+                     progress=run.progress, backend=c.generation_backend, on_done=done)
         run.timing(f"generate_{dataset_key}_s", time.perf_counter() - t0)
 
 
@@ -490,7 +480,7 @@ def stage_safety(run: Run, force: bool = False) -> dict:
         atomic_write_json(status_path, status)
         return status
     run.release_model()
-    from .safety import load_safety_scorer
+    from ..evaluation.safety import load_safety_scorer
 
     try:
         scorer = load_safety_scorer(c.safety_model, device=c.device)
@@ -527,7 +517,7 @@ def stage_capability(run: Run, samples: Samples, direction: Direction, force: bo
     c = run.config
     if not c.capability:
         return {}
-    from .capability import completion_cross_entropy, next_token_kl
+    from ..evaluation.capability import completion_cross_entropy, next_token_kl
 
     lm = run.lm
     harmless = [i.text for i in samples.harmless_eval]
@@ -636,7 +626,7 @@ def stage_score(run: Run, force: bool = False) -> dict:
 
 
 def stage_report(run: Run) -> dict:
-    from .report import build_report
+    from ..report import build_report
 
     if not run.summary_path.is_file():
         raise UserError(f"{run.out} has no summary.json yet; run `refusal-direction score {run.out}` first")

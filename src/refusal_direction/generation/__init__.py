@@ -1,0 +1,76 @@
+"""Generation: greedy completions under interventions, through one backend dispatcher.
+
+`generate_all` is the only place that chooses between the fast CUDA path (`accel.fast_generation`: every
+condition in one batch) and the paper's path (`core.decoding.generate_hf`: HF ``generate`` with hooks, one
+condition at a time); `generate` is its one-intervention form.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from ..core.decoding import Generated, GenerationSettings, generate_hf
+from ..core.interventions import Intervention
+from ..core.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "fast", "hf")
+
+__all__ = ["BACKENDS", "Generated", "GenerationSettings", "choose_backend", "generate", "generate_all"]
+
+
+def choose_backend(lm: LoadedModel, backend: str = "auto") -> str:
+    """``"fast"`` or ``"hf"``: ``auto`` takes the fast path on CUDA, HF generate elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"generation backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "fast" if lm.device.type == "cuda" else "hf"
+    return backend
+
+
+def generate_all(
+    lm: LoadedModel,
+    instructions: Sequence[str],
+    interventions: Sequence[Intervention],
+    settings: GenerationSettings = GenerationSettings(),
+    progress: bool = False,
+    backend: str = "auto",
+    on_done=None,
+) -> dict[str, list[Generated]]:
+    """Greedy completions of ``instructions`` under each intervention: {intervention name: completions}.
+
+    ``on_done(name, completions, seconds)`` is called as each condition finishes (on the fast path all
+    finish together and the seconds are the shared batch's).
+    """
+    import time
+
+    if choose_backend(lm, backend) == "fast":
+        from ..accel.fast_generation import generate_fast
+
+        t0 = time.perf_counter()
+        out = generate_fast(lm, instructions, interventions, settings, progress)
+        if on_done is not None:
+            for name, gens in out.items():
+                on_done(name, gens, time.perf_counter() - t0)
+        return out
+    out = {}
+    for iv in interventions:
+        t0 = time.perf_counter()
+        out[iv.name] = generate_hf(lm, instructions, iv, settings, progress)
+        if on_done is not None:
+            on_done(iv.name, out[iv.name], time.perf_counter() - t0)
+    return out
+
+
+def generate(
+    lm: LoadedModel,
+    instructions: Sequence[str],
+    intervention: Intervention,
+    settings: GenerationSettings = GenerationSettings(),
+    progress: bool = False,
+    backend: str = "auto",
+) -> list[Generated]:
+    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``), else HF."""
+    return generate_all(lm, instructions, [intervention], settings, progress, backend)[intervention.name]
