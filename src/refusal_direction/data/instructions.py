@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ class Instruction:
 
 # --------------------------------------------------------------------------------------------------
 # Data directory
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("REFUSAL_DIRECTION_CACHE", Path.home() / ".cache" / "refusal_direction"))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:

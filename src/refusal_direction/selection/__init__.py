@@ -48,12 +48,13 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions, device_tensor
+from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions
 from ..accel.fusion import fused_kernels, restricted_sdpa
 from ..core.batching import run_batched
 from ..core.directions import CandidateDirections
 from ..core.interventions import ablate_rows, input_hook, output_hook
 from ..core.model import LoadedModel
+from ..core.padding import device_tensor
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
