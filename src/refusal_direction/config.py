@@ -24,6 +24,21 @@ KNOWN_DIRECTIONS: dict[str, tuple[int, int]] = {"google/gemma-2b-it": (10, -2)}
 
 ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline", "harmless_actadd")
 
+# Direction selection thresholds (the paper's): the one definition, read by RunConfig, the `select` command
+# and selection's SelectionThresholds.
+KL_THRESHOLD = 0.1  # discard candidates whose KL score is above this
+INDUCE_THRESHOLD = 0.0  # discard candidates whose induce score is below this
+PRUNE_LAYER_FRACTION = 0.2  # discard layers >= int(n_layers * (1 - this))
+
+# The `demo` command: an offline CPU run (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
+DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEMO_SETTINGS = {
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
+    "n_val": 12, "filter_val": False, "induce_relative": True, "induce_threshold": 0.0, "kl_threshold": 0.25,
+    "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
+    "safety": False, "capability": False,
+}
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -58,9 +73,9 @@ class RunConfig:
     layer: int | None = _f(None, "block index of the direction (fixed selection); gemma-2b-it: 10")
     position: int | None = _f(None, "post-instruction position of the direction, negative; gemma-2b-it: -2")
     direction_file: str | None = _f(None, "saved direction (.safetensors + .json sidecar) to use instead of extracting")
-    kl_threshold: float = _f(0.1, "selection: discard candidates with KL above this")
-    induce_threshold: float = _f(0.0, "selection: discard candidates with induce score below this")
-    prune_layer_fraction: float = _f(0.2, "selection: discard layers >= (1 - this) * n_layers")
+    kl_threshold: float = _f(KL_THRESHOLD, "selection: discard candidates with KL above this")
+    induce_threshold: float = _f(INDUCE_THRESHOLD, "selection: discard candidates with induce score below this")
+    prune_layer_fraction: float = _f(PRUNE_LAYER_FRACTION, "selection: discard layers >= (1 - this) * n_layers")
     select_layers: str | None = _f(None, "selection: layers to score, 'start:stop:step' or '6,9,12' (default all)")
     induce_relative: bool = _f(False, "selection: induce threshold is relative to the unintervened harmless "
                                       "metric (the addition must raise refusal log-odds by this much)")

@@ -1,0 +1,88 @@
+"""Stages safety and capability: Llama Guard 2 verdicts on every completion; KL and CE on harmless prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ..core.directions import Direction
+from ..data.instructions import Samples
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
+from .generate import condition_intervention, load_completions
+from .rundir import Run
+
+log = logging.getLogger(__name__)
+
+
+def stage_safety(run: Run, force: bool = False) -> dict:
+    """Add Llama Guard 2 verdicts to every completion file; returns the safety status."""
+    status_path = run.out / "safety_status.json"
+    if status_path.is_file() and not force:
+        return json.loads(status_path.read_text())
+    c = run.config
+    if not c.safety:
+        status = {"computed": False, "reason": "disabled (--no-safety)"}
+        atomic_write_json(status_path, status)
+        return status
+    run.release_model()
+    from ..evaluation.safety import load_safety_scorer
+
+    try:
+        scorer = load_safety_scorer(c.safety_model, device=c.device)
+    except UserError as exc:
+        if c.require_safety:
+            raise
+        log.warning("safety score not computed: %s", exc)
+        status = {"computed": False, "reason": str(exc).splitlines()[0]}
+        atomic_write_json(status_path, status)
+        return status
+    t0 = time.perf_counter()
+    for cond, records in load_completions(run).items():
+        verdicts = scorer.score([r["instruction"] for r in records], [r["completion"] for r in records],
+                                batch_size=c.safety_batch_size, mode=c.safety_mode,
+                                short_is_safe=c.safety_short_is_safe, progress=run.progress)
+        for r, v in zip(records, verdicts, strict=True):
+            r["safety"] = None if v.safe is None else int(v.safe)
+            r["p_unsafe"] = v.p_unsafe
+            r["safety_categories"] = list(v.categories)
+            r["safety_forced_short"] = bool(getattr(v, "forced_short", False))
+        atomic_write_jsonl(run.completions_path(cond), records)
+    run.timing("safety_s", time.perf_counter() - t0)
+    status = {"computed": True, "model": c.safety_model, "mode": c.safety_mode,
+              "short_is_safe": c.safety_short_is_safe}
+    atomic_write_json(status_path, status)
+    del scorer
+    return status
+
+
+def stage_capability(run: Run, samples: Samples, direction: Direction, force: bool = False) -> dict:
+    path = run.out / "capability.json"
+    if path.is_file() and not force:
+        return json.loads(path.read_text())
+    c = run.config
+    if not c.capability:
+        return {}
+    from ..evaluation.capability import completion_cross_entropy, next_token_kl
+
+    lm = run.lm
+    harmless = [i.text for i in samples.harmless_eval]
+    own = None
+    if run.completions_path("harmless_baseline").is_file():
+        own = [r["completion"] for r in read_jsonl(run.completions_path("harmless_baseline"))]
+    t0 = time.perf_counter()
+    out = {}
+    for cond in c.conditions:
+        iv = condition_intervention(cond, direction, c.actadd_coeff)
+        if cond.startswith("harmless_") and cond != "harmless_actadd":
+            continue
+        kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)
+        entry = {"kl": kl["kl"], "dataset": "harmless"}
+        if own is not None:
+            ce = completion_cross_entropy(lm, harmless, own, iv, batch_size=c.batch_size)
+            entry.update({"ce": ce["ce"], "perplexity": ce["perplexity"], "ce_n_tokens": ce["n_tokens"]})
+        out[cond] = entry
+    run.timing("capability_s", time.perf_counter() - t0)
+    atomic_write_json(path, out)
+    return out

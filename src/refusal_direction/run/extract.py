@@ -1,0 +1,65 @@
+"""Stages samples and extract: the run's instruction sets, then mean activations and difference-in-means candidates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from ..core.directions import CandidateDirections, diff_in_means, load_candidates, save_candidates
+from ..data.instructions import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
+from ..fileio import atomic_write_json
+from .rundir import Run
+
+log = logging.getLogger(__name__)
+
+
+def stage_samples(run: Run) -> Samples:
+    path = run.samples_dir / "samples.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        sets = {k: [Instruction(r["instruction"], r.get("category"), r.get("id", "")) for r in v]
+                for k, v in data["sets"].items()}
+        return Samples(**sets, dropped_duplicates=data.get("dropped_duplicates", []))
+    c = run.config
+    data_dir = resolve_data_dir(c.data_dir)
+    samples = sample_sets(data_dir, c.harmful_train, c.harmless_train, c.eval, c.n_train, c.n_val, c.n_eval,
+                          c.n_harmless_eval, c.harmful_val, c.harmless_val, c.harmless_eval, c.seed,
+                          c.drop_duplicates)
+    sets = samples.as_dict()
+    atomic_write_json(path, {"sets": sets, "dropped_duplicates": samples.dropped_duplicates,
+                             "hashes": {k: hash_instructions(getattr(samples, k)) for k in sets},
+                             "data_dir": str(data_dir)})
+    log.info("samples: %s", {k: len(v) for k, v in sets.items()})
+    return samples
+
+
+def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:
+    if run.candidates_path.is_file() and not force:
+        return load_candidates(run.candidates_path)
+    from ..core.activations import mean_resid_pre
+
+    lm, c = run.lm, run.config
+    t0 = time.perf_counter()
+    harmful_texts = [i.text for i in samples.harmful_train]
+    harmless_texts = [i.text for i in samples.harmless_train]
+    if c.filter_train:
+        from ..selection import filter_validation
+
+        harmful_texts, harmless_texts = filter_validation(lm, harmful_texts, harmless_texts, batch_size=c.batch_size)
+    harmful = mean_resid_pre(lm, harmful_texts, c.batch_size, progress=run.progress, desc="extract [harmful]")
+    harmless = mean_resid_pre(lm, harmless_texts, c.batch_size, progress=run.progress, desc="extract [harmless]")
+    run.timing("extract_s", time.perf_counter() - t0)
+    meta = {"model_id": lm.model_id, "revision": c.revision, "site": "resid_pre",
+            "post_instruction_tokens": lm.post_instruction_tokens(), "n_harmful": len(harmful_texts),
+            "n_harmless": len(harmless_texts), "filter_train": c.filter_train,
+            "data_hashes": {"harmful_train": hash_instructions(samples.harmful_train),
+                            "harmless_train": hash_instructions(samples.harmless_train)}}
+    d = run.out / "directions"
+    save_candidates(CandidateDirections(harmful, list(range(-harmful.shape[0], 0)), {**meta, "what": "mean_harmful"}),
+                    d / "mean_harmful.safetensors")
+    save_candidates(CandidateDirections(harmless, list(range(-harmful.shape[0], 0)),
+                                        {**meta, "what": "mean_harmless"}), d / "mean_harmless.safetensors")
+    candidates = diff_in_means(harmful, harmless, meta)
+    save_candidates(candidates, run.candidates_path)
+    return candidates

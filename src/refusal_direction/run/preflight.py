@@ -1,0 +1,81 @@
+"""Preflight: every problem that can be found before hours of compute, reported all at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import RunConfig
+from ..core.directions import load_direction
+from ..data.instructions import resolve_data_dir, sample_sets
+from ..errors import UserError, UserErrors
+from .rundir import config_mismatch
+
+
+def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
+    """Check data, model, direction file and output directory; raise `UserErrors` listing every problem.
+
+    Writes nothing. Loads only the model's config and tokenizer (cheap), not its weights.
+    """
+    problems: list[str] = []
+
+    def check(fn):
+        try:
+            return fn()
+        except UserErrors as exc:
+            problems.extend(exc.problems)
+        except UserError as exc:
+            problems.append(str(exc))
+        return None
+
+    c = config
+    data_dir = check(lambda: resolve_data_dir(c.data_dir))
+    if data_dir is not None:
+        check(lambda: sample_sets(data_dir, c.harmful_train, c.harmless_train, c.eval, c.n_train, c.n_val, c.n_eval,
+                                  c.n_harmless_eval, c.harmful_val, c.harmless_val, c.harmless_eval, c.seed,
+                                  c.drop_duplicates))
+    shape = check(lambda: probe_model(c))
+    mode, layer, position = c.resolved_direction()
+    if shape is not None:
+        n_layers, d_model, n_post = shape
+        if mode == "fixed" and layer is not None and not 0 <= layer < n_layers:
+            problems.append(f"layer={layer} is out of range for {c.model} ({n_layers} layers: 0..{n_layers - 1})")
+        if mode == "fixed" and position is not None and not -n_post <= position <= -1:
+            problems.append(f"position={position} is out of range for {c.model} ({n_post} post-instruction "
+                            f"tokens: -{n_post}..-1)")
+        if c.direction_file:
+            check(lambda: load_direction(c.direction_file, model_id=c.model, d_model=d_model))
+    mismatch = None if force else config_mismatch(out, config)
+    if mismatch is not None:
+        problems.append(mismatch)
+    if problems:
+        raise UserErrors(problems)
+
+
+def probe_model(c: RunConfig) -> tuple[int, int, int]:
+    """(n_layers, d_model, n_post_instruction) from the model's config and tokenizer, without weights."""
+    from transformers import AutoConfig
+
+    from ..core.model import derive_chat_format, hub_error, load_tokenizer
+
+    kwargs: dict = {}
+    source = c.model
+    if c.model.endswith(".gguf"):
+        path = Path(c.model)
+        if not path.is_file():
+            raise UserError(f"GGUF file {c.model!r} does not exist; for the demo model run "
+                            "`refusal-direction fetch-model qwen2.5-coder-0.5b-instruct`")
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif c.revision:
+        kwargs["revision"] = c.revision
+    token = os.environ.get("HF_TOKEN")
+    try:
+        cfg = AutoConfig.from_pretrained(source, token=token, **kwargs)
+        tok = load_tokenizer(source, **kwargs)
+    except Exception as exc:
+        raise hub_error(c.model, exc) from exc
+    text = cfg.get_text_config()
+    template = Path(c.chat_template).read_text() if c.chat_template else None
+    chat = derive_chat_format(tok, getattr(cfg, "model_type", ""), template)
+    n_post = len(tok(chat.suffix, add_special_tokens=False)["input_ids"])
+    return int(text.num_hidden_layers), int(text.hidden_size), n_post
