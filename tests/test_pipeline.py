@@ -62,6 +62,9 @@ def test_replicate_writes_every_artifact(tiny_run):
                 "summary.json", "report.md", "report.html", "run.log"]:
         assert (tiny_run / rel).is_file(), rel
     summary = json.loads((tiny_run / "summary.json").read_text())
+    from refusal_direction.report import Summary
+
+    assert Summary.from_json(summary).to_json() == summary  # the typed schema covers every key written
     assert summary["direction"] == {**summary["direction"], "layer": 1, "position": -2}
     for cond in ("baseline", "ablation"):
         c = summary["conditions"][cond]

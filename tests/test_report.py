@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -11,18 +12,20 @@ import torch
 from PIL import Image
 
 from refusal_direction.errors import UserError
-from refusal_direction.evaluation.stats import agreement_table, mcnemar, rate
 from refusal_direction.report import (
     EXAMPLE_CHARS,
+    Summary,
     build_report,
     direction_geometry,
     example_pairs,
     render_markdown,
+    summarize,
 )
+from refusal_direction.report.summary import ConditionResult, DirectionInfo, McNemar, PairedTest, PaperNumbers, Settings
 
 JBB_CATEGORIES = ["Harassment/Discrimination", "Malware/Hacking", "Physical harm", "Economic harm", "Fraud/Deception",
                   "Disinformation", "Sexual/Adult content", "Privacy", "Expert advice", "Government decision-making"]
-PAPER = {"reference_run": {"baseline": {"refusal_score": 0.91, "safety_score": 0.93},
+PAPER = {"source": "test", "reference_run": {"baseline": {"refusal_score": 0.91, "safety_score": 0.93},
                            "ablation": {"refusal_score": 0.00, "safety_score": 0.22},
                            "actadd_negative": {"refusal_score": 0.02, "safety_score": 0.27},
                            "harmless_baseline": {"refusal_score": 0.00}, "harmless_actadd": {"refusal_score": 1.00}},
@@ -33,44 +36,19 @@ DATASETS = {"baseline": "jailbreakbench", "ablation": "jailbreakbench", "actadd_
 
 
 # ---------------------------------------------------------------------------------------------------
-# A summary.json built from records the way the schema describes (test-side; the pipeline owns the real one)
+# Summaries come from the pipeline's own builder (report.summarize), never from a test-side copy
 
 
-def summarize(completions: dict[str, list[dict]], settings: dict, safety_reason: str | None = None,
-              capability: dict | None = None) -> dict:
-    conditions = {}
-    for name, recs in completions.items():
-        refusal = [r["refusal"] for r in recs]
-        safety = [r["safety"] for r in recs]
-        has_safety = all(s in (0, 1) for s in safety)
-        cats = sorted({r["category"] for r in recs if r["category"]})
-        tokens = [r["n_tokens"] for r in recs if r.get("n_tokens") is not None]
-        conditions[name] = {
-            "dataset": DATASETS[name], "intervention": {"type": "baseline"}, "n": len(recs),
-            "refusal_score": sum(refusal) / len(recs), "refusal": rate(refusal),
-            "safety_score": sum(safety) / len(recs) if has_safety else None,
-            "safety": rate(safety) if has_safety else None,
-            "safety_status": "computed" if has_safety else (safety_reason or "not computed: harmless set"),
-            "per_category": {c: {"refusal": rate([r["refusal"] for r in recs if r["category"] == c]),
-                                 "safety": rate([r["safety"] for r in recs if r["category"] == c])
-                                 if has_safety else None} for c in cats},
-            "mean_completion_tokens": sum(tokens) / len(tokens) if tokens else None,
-            "refusal_first_64_tokens": rate(refusal) if tokens else None,
-            "judge_agreement": agreement_table(refusal, safety) if has_safety else None,
-            "capability": (capability or {}).get(name),
-        }
-    paired = {}
-    for other in ("ablation", "actadd_negative"):
-        if other in completions and "baseline" in completions:
-            a, b = completions[other], completions["baseline"]
-            has_safety = conditions[other]["safety"] is not None and conditions["baseline"]["safety"] is not None
-            paired[f"{other}_vs_baseline"] = {
-                "refusal": mcnemar([r["refusal"] for r in a], [r["refusal"] for r in b]),
-                "safety": mcnemar([r["safety"] for r in a], [r["safety"] for r in b]) if has_safety else None}
-    return {"model": "google/gemma-2b-it",
-            "direction": {"layer": 10, "position": -2, "selected_by": "auto", "norm": 10.06},
-            "settings": settings, "conditions": conditions, "paired_tests": paired, "paper": PAPER,
-            "timings": {}}
+def summarize_records(completions: dict[str, list[dict]], settings: dict, safety_reason: str | None = None,
+                      capability: dict | None = None) -> Summary:
+    status = {"computed": True} if safety_reason is None else {"computed": False, "reason": safety_reason}
+    return summarize(
+        completions, model="google/gemma-2b-it", direction=DirectionInfo(10, -2, "auto", 10.06),
+        settings=Settings(**{"safety_mode": "paper", "safety_short_is_safe": False,
+                             "refusal_matching": "substring", **settings}),
+        datasets={name: DATASETS[name] for name in completions},
+        interventions={name: {"type": "baseline"} for name in completions}, safety_status=status,
+        capability=capability or {}, first_n_tokens=64, paper=PaperNumbers.from_json(PAPER), timings={})
 
 
 def synthetic_run(n: int = 20, safety: bool = True, long_completion: str | None = None, seed: int = 0):
@@ -87,14 +65,14 @@ def synthetic_run(n: int = 20, safety: bool = True, long_completion: str | None 
                 text = long_completion
             recs.append({"id": f"{DATASETS[name]}-{i}", "category": JBB_CATEGORIES[i % 10] if harmful else None,
                          "instruction": f"Instruction number {i}", "completion": text, "refusal": refusal,
-                         "n_tokens": 30 + i, "stopped": bool(i % 2),
+                         "n_tokens": 30 + i, "stopped": bool(i % 2), "refusal_first_n": refusal,
                          "safety": (refusal if i % 7 else 1 - refusal) if (safety and harmful) else None,
                          "p_unsafe": None, "safety_categories": []})
         completions[name] = recs
     settings = {"max_new_tokens": 64, "stop_at_end_of_turn": True, "dtype": "float32", "device": "cpu",
                 "n_train": 32, "n_eval": n, "safety_model": "meta-llama/Meta-Llama-Guard-2-8B" if safety else None}
-    reason = None if safety else "not computed: no CUDA GPU (Llama Guard 2 8B needs one; pass --safety on a GPU)"
-    summary = summarize(completions, settings, safety_reason=reason,
+    reason = None if safety else "no CUDA GPU (Llama Guard 2 8B needs one; pass --safety on a GPU)"
+    summary = summarize_records(completions, settings, safety_reason=reason,
                         capability={"ablation": {"kl": 0.0123, "ce": 2.345, "ce_n_tokens": 1000}})
     n_pos, n_layers, d = 5, 6, 16
     mean_harmless = torch.randn(n_pos, n_layers, d, generator=g, dtype=torch.float64)
@@ -102,7 +80,7 @@ def synthetic_run(n: int = 20, safety: bool = True, long_completion: str | None 
     planted[0] = 3.0
     mean_harmful = mean_harmless + planted + 0.1 * torch.randn(n_pos, n_layers, d, generator=g, dtype=torch.float64)
     mean_harmful[:, 0] = mean_harmless[:, 0]  # layer 0: identical tokens, zero difference (as in gemma)
-    summary["direction"]["layer"] = 3
+    summary = replace(summary, direction=replace(summary.direction, layer=3))
     return summary, completions, mean_harmful, mean_harmless
 
 
@@ -138,14 +116,14 @@ def test_writes_markdown_html_and_valid_small_pngs(default_report):
 def test_results_table_rows_show_scores_and_intervals_from_summary(default_report):
     _, summary, _, _, md, _ = default_report
     for name, label in (("baseline", "baseline"), ("ablation", "ablation"), ("harmless_actadd", "harmless act-add +r")):
-        c = summary["conditions"][name]
-        r = c["refusal"]
-        refusal = f"{r['rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+        c = summary.conditions[name]
+        r = c.refusal
+        refusal = f"{r.rate:.2f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]"
         row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
-        assert f"| {c['n']} | {refusal} |" in row, row
-        if c["safety"]:
-            s = c["safety"]
-            assert f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" in row
+        assert f"| {c.n} | {refusal} |" in row, row
+        if c.safety:
+            s = c.safety
+            assert f"{s.rate:.2f} [{s.ci95[0]:.2f}, {s.ci95[1]:.2f}]" in row
     assert "| baseline | JailbreakBench |" in md and "0.91 / 0.93 | 0.95 / 0.98 |" in md
     assert "**ablation vs baseline**: refusal" in md  # paired McNemar line
     assert "| 0.012 | 2.345 | 1000 |" in md  # capability numbers
@@ -195,7 +173,9 @@ def test_completion_markup_is_escaped(tmp_path):
 
 
 def test_minimal_summary_still_renders(tmp_path):
-    paths = build_report({"model": "some/model"}, {}, tmp_path)
+    minimal = Summary(model="some/model", direction=None, settings=None, conditions={}, paired_tests={}, paper=None,
+                      timings={})
+    paths = build_report(minimal, {}, tmp_path)
     md = paths["report.md"].read_text()
     assert md.startswith("# Refusal direction: some/model")
     assert "safety judge: not computed" in md
@@ -212,11 +192,11 @@ def test_render_markdown_is_pure_and_deterministic():
 
 def test_tolerates_null_and_missing_values(tmp_path, caplog):
     summary, completions, mh, ml = synthetic_run()
-    summary["conditions"]["ablation"] = {k: None for k in summary["conditions"]["ablation"]}
-    summary["conditions"]["weird_<b>_condition"] = None
-    summary["paired_tests"] = {"ablation_vs_baseline": None, "x_vs_y": {"refusal": {"p_value": None}}}
-    summary["paper"] = None
-    summary["settings"] = None
+    blank = ConditionResult(**{f.name: None for f in fields(ConditionResult)})
+    summary = replace(summary, conditions={**summary.conditions, "ablation": blank, "weird_<b>_condition": blank},
+                      paired_tests={"ablation_vs_baseline": PairedTest(None, None),
+                                    "x_vs_y": PairedTest(McNemar(None, None, None, None, None), None)},
+                      paper=None, settings=None)
     paths = build_report(summary, completions, tmp_path, candidates=mh[:, :2] - ml[:, :2])  # stale: 2 layers
     md = paths["report.md"].read_text()
     assert "| ablation | — | — | — | — | — | — |" in md
@@ -269,6 +249,44 @@ def test_example_pairs_spread_over_categories_and_prefer_flips():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The typed summary: summary.json round trip and its checks
+
+
+def test_summary_json_round_trip():
+    summary, *_ = synthetic_run()
+    data = json.loads(json.dumps(summary.to_json()))
+    assert data["schema_version"] == 1 and "refusal_first_64_tokens" in data["conditions"]["baseline"]
+    assert Summary.from_json(data) == summary
+    assert Summary.from_json(data).to_json() == data
+
+
+def test_summary_without_a_field_is_rejected_with_the_fix():
+    data = synthetic_run()[0].to_json()
+    for path in (("model",), ("conditions", "baseline", "safety"), ("conditions", "baseline", "per_category"),
+                 ("conditions", "ablation", "refusal_first_64_tokens"), ("settings", "max_new_tokens"),
+                 ("direction", "layer"), ("paired_tests", "ablation_vs_baseline", "refusal"),
+                 ("conditions", "baseline", "refusal", "ci95")):
+        broken = json.loads(json.dumps(data))
+        *parents, key = path
+        node = broken
+        for p in parents:
+            node = node[p]
+        del node[key]
+        named = repr(key.replace("64", "<N>"))
+        with pytest.raises(UserError, match=rf"run/summary.json: .*{re.escape(named)}.*refusal-direction score"):
+            Summary.from_json(broken, source="run/summary.json")
+
+
+def test_summary_with_unknown_or_missing_version_is_rejected():
+    data = synthetic_run()[0].to_json()
+    with pytest.raises(UserError, match=r"old/summary.json has schema_version 99; .* reads schema_version 1\. Re-run"):
+        Summary.from_json({**data, "schema_version": 99}, source="old/summary.json")
+    data.pop("schema_version")
+    with pytest.raises(UserError, match=r"old/summary.json has no schema_version"):
+        Summary.from_json(data, source="old/summary.json")
+
+
+# ---------------------------------------------------------------------------------------------------
 # The paper's released gemma-2b-it run, converted to our record format
 
 REFERENCE_FILES = {"baseline": "jailbreakbench_baseline", "ablation": "jailbreakbench_ablation",
@@ -302,14 +320,13 @@ def reference_report_inputs(reference_run: Path):
     capability = {k: {"kl": None, "ce": v["ce_loss"], "ce_n_tokens": v["n_tokens"]} for k, v in loss.items()}
     settings = {"max_new_tokens": 512, "stop_at_end_of_turn": False, "dtype": "bfloat16", "device": "cuda",
                 "n_train": 128, "n_eval": 100, "safety_model": "meta-llama/Meta-Llama-Guard-2-8B"}
-    summary = summarize(completions, settings, capability=capability)
-    summary["direction"]["norm"] = None
+    summary = summarize_records(completions, settings, capability=capability)
     scores = json.loads((reference_run / "select_direction" / "direction_evaluations.json").read_text())
     survivors = json.loads((reference_run / "select_direction" / "direction_evaluations_filtered.json").read_text())
     selection = {"chosen": {"position": -2, "layer": 10}, "scores": scores, "survivors": survivors}
     diffs = np.load(reference_run / "derived" / "mean_diffs_float64_pos5_layer18_d2048.npy", allow_pickle=False)
     candidates = torch.from_numpy(diffs)  # [5, 18, 2048]
-    summary["direction"]["norm"] = float(candidates[3, 10].norm())
+    summary = replace(summary, direction=replace(summary.direction, norm=float(candidates[3, 10].norm())))
     return summary, completions, selection, candidates
 
 

@@ -143,15 +143,17 @@ def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=N
 def print_summary(summary: dict, out: Path) -> None:
     from rich.table import Table
 
-    t = Table(title=f"{summary['model']} - direction layer {summary['direction']['layer']}, "
-                    f"position {summary['direction']['position']} ({summary['direction']['selected_by']})")
+    from .report.summary import Summary
+
+    s = Summary.from_json(summary, source=out / "summary.json")
+    d = s.direction
+    t = Table(title=f"{s.model} - direction layer {d.layer}, position {d.position} ({d.selected_by})")
     for col in ("condition", "dataset", "n", "refusal [95% CI]", "safety [95% CI]"):
         t.add_column(col)
-    for name, c in summary["conditions"].items():
-        r = c["refusal"]
-        s = c.get("safety")
-        t.add_row(name, c["dataset"], str(c["n"]), f"{r['rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]",
-                  f"{s['rate']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]" if s else c["safety_status"])
+    for name, c in s.conditions.items():
+        r, sf = c.refusal, c.safety
+        t.add_row(name, c.dataset, str(c.n), f"{r.rate:.2f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]",
+                  f"{sf.rate:.2f} [{sf.ci95[0]:.2f}, {sf.ci95[1]:.2f}]" if sf else c.safety_status)
     console = _console()
     console.print(t)
     console.print(f"report: {out / 'report.md'}")

@@ -74,11 +74,11 @@ def stage_score(run: Run, force: bool = False) -> dict:
 
 
 def stage_report(run: Run) -> dict:
-    from ..report import build_report
+    from ..report import Summary, build_report
 
     if not run.summary_path.is_file():
         raise UserError(f"{run.out} has no summary.json yet; run `refusal-direction score {run.out}` first")
-    summary = json.loads(run.summary_path.read_text())
+    summary = Summary.load(run.summary_path)
     selection = json.loads((run.out / "selection.json").read_text()) if (run.out / "selection.json").is_file() \
         else None
     tensors = {}
