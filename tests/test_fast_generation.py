@@ -158,6 +158,8 @@ def test_benchmark_runs_on_cpu_with_the_tiny_model(tmp_path):
     for name, a in r["agreement"].items():  # float32 on CPU: the two paths agree exactly
         assert a["identical_rows"] == a["rows"] == 8, name
     assert r["fast_repeat_identical"]
+    assert set(r["token_digest"]) == set(r["workload"]["conditions"])  # sha256 per condition of the fast tokens
+    assert all(len(d) == 64 for d in r["token_digest"].values())
     assert r["speedup"] > 0 and r["floor"]["seconds"] > 0 and r["activations"]["seconds"] > 0
     json.dumps(r)
     assert "speed-up" in format_report(r)

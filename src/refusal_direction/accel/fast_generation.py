@@ -21,54 +21,39 @@ Here, for the same greedy tokens:
 Nothing is model-specific. A model this cannot run (encoder-decoder, no ``position_ids`` /
 ``past_key_values``, no `StaticCache`) falls back to `generate_hf` per condition, with the reason logged.
 Models with sliding-window cache layers decode without CUDA graphs (their cache keeps a Python counter).
+
+This module is the entry point and the sizing; one batch is `static_decode.generate_chunk`, the folded
+attention is `folded_attention`, the fused norms and rotary are `fusion`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from ..core.batching import run_batched
 from ..core.decoding import Generated, GenerationSettings, generate_hf, stop_ids
-from ..core.interventions import Intervention, apply_intervention
+from ..core.interventions import Intervention
 from ..core.model import LoadedModel
-from .fusion import fused_kernels, restricted_sdpa
+from .folded_attention import FOLDED_SDPA, folded_gqa_attention, folded_sdpa_attention
+from .static_decode import CHECK_EVERY, WARMUP_STEPS, FastPathUnsupported, FastStats, generate_chunk
+
+__all__ = ["CHECK_EVERY", "DECODE_MODES", "FOLDED_SDPA", "SDPA_BACKENDS", "WARMUP_STEPS", "FastPathUnsupported",
+           "FastResult", "FastStats", "check_supported", "folded_gqa_attention", "folded_sdpa_attention",
+           "generate_fast", "generate_fast_ids", "kv_bytes_per_token", "prompt_ids", "prompts_per_chunk",
+           "resolve_decode"]
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 16  # decode steps between host checks of "every row has stopped"
-WARMUP_STEPS = 2  # eager decode steps before graph capture (cuBLAS/allocator warm-up, on a side stream)
-FOLDED_SDPA = "refusal_direction_folded_sdpa"  # name registered with transformers' AttentionInterface
 DECODE_MODES = ("auto", "cuda-graph", "compile", "eager")
 # SDPA kernels allowed on CUDA, in torch's order of preference. Measured on an H200 (gemma-2b shape, 200 rows):
 # memory-efficient attention decodes in 3.08 s against 3.44 s for torch's default pick (cuDNN); math is the
 # fallback for shapes it does not take. None: torch's choice.
 SDPA_BACKENDS = ("efficient", "math")
-
-
-class FastPathUnsupported(RuntimeError):
-    """This model cannot use the fast path; the message says why."""
-
-
-@dataclass(frozen=True)
-class FastStats:
-    """What the fast path did, summed over chunks (for logs and benchmarks)."""
-
-    rows: int  # batch rows of the largest chunk (conditions x prompts)
-    chunks: int  # batches run one after another (1 unless memory forced a split)
-    prompt_len: int  # longest padded prompt, tokens
-    steps: int  # new tokens produced per row (max over chunks)
-    prefill_s: float
-    capture_s: float  # CUDA-graph capture (or first compiled call), 0 for eager
-    decode_s: float
-    decode: str  # "cuda-graph" | "compile" | "eager"
-    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,219 +213,3 @@ def prompts_per_chunk(lm: LoadedModel, n_prompts: int, n_cond: int, total_len: i
     if max_rows < n_cond:
         raise ValueError(f"max_rows={max_rows} is smaller than the {n_cond} conditions that share each prompt")
     return max(1, min(n_prompts, max_rows // n_cond))
-
-
-def pad_id(lm: LoadedModel) -> int:
-    for value in (getattr(lm.tokenizer, "pad_token_id", None), getattr(lm.model.config, "pad_token_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Grouped-query attention without repeat_kv
-
-
-def folded_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                          **kwargs):
-    """HF attention function: SDPA with the query heads of each KV head folded into query rows.
-
-    query [batch, h_q, q, d], key/value [batch, h_kv, s, d]; returns [batch, q, h_q, d_v] like HF's sdpa.
-    Same result as ``repeat_kv`` + SDPA without copying K/V h_q/h_kv times; cases it does not cover
-    (no mask, no GQA, a per-head mask, position bias, dropout) go to HF's own sdpa function.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    b, h_q, q, d = query.shape
-    h_kv = key.shape[1]
-    if (attention_mask is None or h_q == h_kv or h_q % h_kv or attention_mask.dim() != 4
-            or attention_mask.shape[1] != 1 or dropout or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    rep = h_q // h_kv
-    folded = query.reshape(b, h_kv, rep * q, d)  # row r*q + i = query head (g*rep + r) at position i
-    mask = attention_mask if attention_mask.shape[2] == 1 else attention_mask.repeat(1, 1, rep, 1)  # [b,1,rep*q,s]
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-    out = out.reshape(b, h_q, q, value.shape[-1])  # [batch, h_q, q, d_v]
-    return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def folded_gqa_attention(model: torch.nn.Module) -> Iterator[bool]:
-    """Switch an SDPA grouped-query model to `folded_sdpa_attention` for the block; yields whether it did."""
-    cfg = model.config.get_text_config()
-    heads, kv_heads = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
-    if (getattr(model.config, "_attn_implementation", None) != "sdpa" or not heads or not kv_heads
-            or heads == kv_heads or not hasattr(model, "set_attn_implementation")):
-        yield False
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(FOLDED_SDPA, folded_sdpa_attention)
-    AttentionMaskInterface.register(FOLDED_SDPA, sdpa_mask)
-    try:
-        model.set_attn_implementation(FOLDED_SDPA)
-    except Exception as exc:  # any refusal leaves the model as it was
-        log.info("keeping HF sdpa attention (%s)", exc)
-        yield False
-        return
-    try:
-        yield model.config._attn_implementation == FOLDED_SDPA
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
-# --------------------------------------------------------------------------------------------------
-# One batch
-
-
-class _Decoder:
-    """Static buffers of the single-token decode step; their addresses never change, so it can be captured."""
-
-    def __init__(self, model, cache, mask: torch.Tensor, first: torch.Tensor, next_position: torch.Tensor,
-                 stop: torch.Tensor, max_new_tokens: int):
-        rows = first.shape[0]
-        self.model, self.cache, self.mask, self.stop = model, cache, mask, stop  # mask [rows, cache_len]
-        self.ids = first[:, None].clone()  # [rows, 1] the token fed next
-        self.position = next_position.clone()  # [rows, 1] its position id
-        self.tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=first.device)  # [rows, new]
-        self.tokens[:, 0] = first
-        self.index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
-        self.done = (first[:, None] == stop).any(-1)  # [rows]
-
-    def step(self) -> None:
-        logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
-                            past_key_values=self.cache, use_cache=True).logits  # [rows, 1, vocab]
-        nxt = logits[:, -1].argmax(-1)  # [rows]
-        self.tokens.index_copy_(1, self.index, nxt[:, None])
-        self.done.logical_or_((nxt[:, None] == self.stop).any(-1))
-        self.ids.copy_(nxt[:, None])
-        self.position.add_(1)
-        self.index.add_(1)
-
-
-def generate_chunk(
-    lm: LoadedModel,
-    prompts: list[list[int]],
-    interventions: Sequence[Intervention],
-    max_new_tokens: int,
-    stop: Sequence[int],
-    force_tokens: bool,
-    mode: str,
-    progress: bool = False,
-    sdpa_backends: Sequence[str] | None = None,
-    fuse: bool = False,
-) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
-    """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
-    from transformers import StaticCache
-
-    model, device = lm.model, lm.device
-    n_cond, n_prompts = len(interventions), len(prompts)
-    rows = n_cond * n_prompts
-    length = max(len(p) for p in prompts)
-    cache_len = length + max_new_tokens
-    ids = torch.full((n_prompts, length), pad_id(lm), dtype=torch.long)
-    mask = torch.zeros(n_prompts, cache_len, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, length - len(p):] = 1  # generated positions are 1 from the start: causality hides the future
-    ids = ids.repeat(n_cond, 1).to(device)  # [rows, length]; row c*n_prompts + i = prompt i, condition c
-    mask = mask.repeat(n_cond, 1).to(device)  # [rows, cache_len]
-    prompt_mask = mask[:, :length]
-    position = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)  # [rows, length], as HF generate
-    condition = torch.arange(rows, device=device) // n_prompts
-    # [rows] each, in the model's dtype (no conversion kernel per hook call): 1 where the intervention applies
-    switches = [(condition == c).to(lm.dtype) for c in range(n_cond)]
-    stop_t = torch.tensor(sorted(set(stop)) or [-1], dtype=torch.long, device=device)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    notes: list[str] = []
-    if not keep:
-        notes.append("forward has no logits_to_keep: prefill computes logits for every position")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    with contextlib.ExitStack() as stack:
-        if stack.enter_context(folded_gqa_attention(model)):
-            notes.append("grouped-query attention folded into query rows")
-        notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
-        notes += stack.enter_context(fused_kernels(model, fuse))
-        for iv, switch in zip(interventions, switches):
-            stack.enter_context(apply_intervention(lm, iv, rows=switch))
-        t0 = time.perf_counter()
-        try:
-            cache = StaticCache(config=model.config, max_cache_len=cache_len)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                           use_cache=True, **keep).logits  # [rows, 1 or length, vocab]
-        except (TypeError, ValueError, NotImplementedError, AttributeError, KeyError) as exc:
-            raise FastPathUnsupported(f"{type(exc).__name__} in the static-cache prefill: {exc}") from exc
-        dec = _Decoder(model, cache, mask, logits[:, -1].argmax(-1), position[:, -1:] + 1, stop_t, max_new_tokens)
-        del logits
-        sync()
-        prefill_s = time.perf_counter() - t0
-
-        plain_layers = all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
-        if mode in ("cuda-graph", "compile") and not plain_layers:
-            notes.append("sliding-window cache layers keep a Python counter: decoded without CUDA graphs")
-            mode = "eager"
-        if mode == "cuda-graph" and max_new_tokens <= 1 + WARMUP_STEPS:
-            mode = "eager"
-        produced, capture_s = 1, 0.0
-        t0 = time.perf_counter()
-        bar = _bar(progress, max_new_tokens)
-        bar.update(1)
-        step = dec.step
-        if mode == "compile":  # experimental: the first call compiles, counted as capture time
-            for buf in (dec.ids, dec.position, dec.tokens, dec.index, dec.done, dec.mask):
-                torch._dynamo.mark_static_address(buf)
-            step = torch.compile(dec.step, mode="reduce-overhead")
-            t1 = time.perf_counter()
-            step()
-            sync()
-            capture_s += time.perf_counter() - t1
-            produced += 1
-            bar.update(1)
-        graph_replay = None
-        while produced < max_new_tokens:
-            run = graph_replay
-            if run is None and mode == "cuda-graph":
-                side = torch.cuda.Stream(device)  # warm-up steps (real steps, eager) on a side stream
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP_STEPS):
-                        dec.step()
-                torch.cuda.current_stream(device).wait_stream(side)
-                produced += WARMUP_STEPS
-                bar.update(WARMUP_STEPS)
-                t1 = time.perf_counter()
-                graph = torch.cuda.CUDAGraph()
-                try:
-                    with torch.cuda.graph(graph):
-                        dec.step()
-                    run = graph_replay = graph.replay
-                except Exception as exc:  # e.g. a host sync inside the model's forward
-                    log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
-                    notes.append(f"CUDA graph capture failed: {type(exc).__name__}")
-                    mode = "eager"
-                capture_s += time.perf_counter() - t1
-            (run or step)()
-            produced += 1
-            bar.update(1)
-            if not force_tokens and produced % CHECK_EVERY == 0 and bool(dec.done.all()):
-                break
-        tokens = dec.tokens[:, :produced].cpu()  # [rows, produced]
-        decode_s = time.perf_counter() - t0 - capture_s
-        bar.close()
-
-    stop_set = set(stop)
-    out: list[list[tuple[list[int], bool]]] = [[] for _ in range(n_prompts)]
-    for r, row in enumerate(tokens.tolist()):
-        end = None if force_tokens else next((k + 1 for k, t in enumerate(row) if t in stop_set), None)
-        out[r % n_prompts].append((row if end is None else row[:end], end is not None))
-    stats = FastStats(rows, 1, length, produced, prefill_s, capture_s, decode_s, mode, tuple(notes))
-    return out, stats
-
-
-def _bar(progress: bool, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate [fast]", unit="tok", disable=not progress, dynamic_ncols=True)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..accel.fusion import restricted_sdpa
+from ..accel import restricted_sdpa
 from .batching import run_batched
 from .model import LoadedModel
 

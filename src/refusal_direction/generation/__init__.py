@@ -47,7 +47,7 @@ def generate_all(
     import time
 
     if choose_backend(lm, backend) == "fast":
-        from ..accel.fast_generation import generate_fast
+        from ..accel import generate_fast
 
         t0 = time.perf_counter()
         out = generate_fast(lm, instructions, interventions, settings, progress)

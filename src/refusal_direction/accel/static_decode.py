@@ -1,0 +1,247 @@
+"""One batch of the fast path: prefill into a `StaticCache`, then single-token decode steps, then the cut rows.
+
+Rows are ``condition x prompt`` (row ``c * n_prompts + i`` is prompt i under intervention c). The prompts are
+left-padded and prefilled once; the decode step (HF forward, argmax and bookkeeping, all on the device) writes
+into static buffers (`_Decoder`), so it is captured once as a CUDA graph and replayed, compiled, or run
+eagerly. The host checks "all rows finished?" every `CHECK_EVERY` steps; rows that finished earlier keep
+decoding and are cut at their first stop token afterwards, which is what HF ``generate`` returns too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..core.interventions import Intervention, apply_intervention
+from ..core.model import LoadedModel
+from ..core.padding import left_pad, pad_id, position_ids
+from .folded_attention import folded_gqa_attention
+from .fusion import fused_kernels, restricted_sdpa
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 16  # decode steps between host checks of "every row has stopped"
+WARMUP_STEPS = 2  # eager decode steps before graph capture (cuBLAS/allocator warm-up, on a side stream)
+
+
+class FastPathUnsupported(RuntimeError):
+    """This model cannot use the fast path; the message says why."""
+
+
+@dataclass(frozen=True)
+class FastStats:
+    """What the fast path did, summed over chunks (for logs and benchmarks)."""
+
+    rows: int  # batch rows of the largest chunk (conditions x prompts)
+    chunks: int  # batches run one after another (1 unless memory forced a split)
+    prompt_len: int  # longest padded prompt, tokens
+    steps: int  # new tokens produced per row (max over chunks)
+    prefill_s: float
+    capture_s: float  # CUDA-graph capture (or first compiled call), 0 for eager
+    decode_s: float
+    decode: str  # "cuda-graph" | "compile" | "eager"
+    notes: tuple[str, ...] = ()
+
+
+class _Decoder:
+    """Static buffers of the single-token decode step; their addresses never change, so it can be captured."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, first: torch.Tensor, next_position: torch.Tensor,
+                 stop: torch.Tensor, max_new_tokens: int):
+        rows = first.shape[0]
+        self.model, self.cache, self.mask, self.stop = model, cache, mask, stop  # mask [rows, cache_len]
+        self.ids = first[:, None].clone()  # [rows, 1] the token fed next
+        self.position = next_position.clone()  # [rows, 1] its position id
+        self.tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=first.device)  # [rows, new]
+        self.tokens[:, 0] = first
+        self.index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
+        self.done = (first[:, None] == stop).any(-1)  # [rows]
+
+    def step(self) -> None:
+        logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
+                            past_key_values=self.cache, use_cache=True).logits  # [rows, 1, vocab]
+        nxt = logits[:, -1].argmax(-1)  # [rows]
+        self.tokens.index_copy_(1, self.index, nxt[:, None])
+        self.done.logical_or_((nxt[:, None] == self.stop).any(-1))
+        self.ids.copy_(nxt[:, None])
+        self.position.add_(1)
+        self.index.add_(1)
+
+
+def generate_chunk(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    interventions: Sequence[Intervention],
+    max_new_tokens: int,
+    stop: Sequence[int],
+    force_tokens: bool,
+    mode: str,
+    progress: bool = False,
+    sdpa_backends: Sequence[str] | None = None,
+    fuse: bool = False,
+) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
+    """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
+    model, device = lm.model, lm.device
+    n_cond, n_prompts = len(interventions), len(prompts)
+    rows = n_cond * n_prompts
+    ids, mask, position = _batch_inputs(lm, prompts, n_cond, max_new_tokens)
+    length = ids.shape[1]
+    condition = torch.arange(rows, device=device) // n_prompts
+    # [rows] each, in the model's dtype (no conversion kernel per hook call): 1 where the intervention applies
+    switches = [(condition == c).to(lm.dtype) for c in range(n_cond)]
+    stop_t = torch.tensor(sorted(set(stop)) or [-1], dtype=torch.long, device=device)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    notes: list[str] = []
+    if not keep:
+        notes.append("forward has no logits_to_keep: prefill computes logits for every position")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    with contextlib.ExitStack() as stack:
+        if stack.enter_context(folded_gqa_attention(model)):
+            notes.append("grouped-query attention folded into query rows")
+        notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
+        notes += stack.enter_context(fused_kernels(model, fuse))
+        for iv, switch in zip(interventions, switches):
+            stack.enter_context(apply_intervention(lm, iv, rows=switch))
+        t0 = time.perf_counter()
+        dec = _prefill(model, ids, mask, position, stop_t, max_new_tokens, keep)
+        sync()
+        prefill_s = time.perf_counter() - t0
+        mode = _decode_mode(mode, dec.cache, max_new_tokens, notes)
+        tokens, produced, capture_s, decode_s, mode = _decode(dec, mode, max_new_tokens, force_tokens, progress,
+                                                              sync, notes)
+
+    out = _cut_rows(tokens, n_prompts, stop, force_tokens)
+    stats = FastStats(rows, 1, length, produced, prefill_s, capture_s, decode_s, mode, tuple(notes))
+    return out, stats
+
+
+def _batch_inputs(lm: LoadedModel, prompts: list[list[int]], n_cond: int, max_new_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids [rows, length], attention mask [rows, length + max_new_tokens] and position ids [rows, length]
+    of the left-padded prompts, repeated per condition: row c*n_prompts + i = prompt i, condition c."""
+    ids, prompt_mask = left_pad(prompts, pad_id(lm.tokenizer, lm.model.config))  # [n_prompts, length], on the host
+    # generated positions are 1 from the start: causality hides the future
+    mask = torch.cat([prompt_mask, torch.ones(len(prompts), max_new_tokens, dtype=torch.long)], dim=1)
+    ids = ids.repeat(n_cond, 1).to(lm.device)  # [rows, length]
+    mask = mask.repeat(n_cond, 1).to(lm.device)  # [rows, cache_len]
+    position = position_ids(mask[:, :ids.shape[1]])  # [rows, length], as HF generate
+    return ids, mask, position
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, stop: torch.Tensor,
+             max_new_tokens: int, keep: dict) -> _Decoder:
+    """The prompts' forward into a fresh `StaticCache`; the decoder holds its first new token per row."""
+    from transformers import StaticCache
+
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=mask.shape[1])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                       use_cache=True, **keep).logits  # [rows, 1 or length, vocab]
+    except (TypeError, ValueError, NotImplementedError, AttributeError, KeyError) as exc:
+        raise FastPathUnsupported(f"{type(exc).__name__} in the static-cache prefill: {exc}") from exc
+    return _Decoder(model, cache, mask, logits[:, -1].argmax(-1), position[:, -1:] + 1, stop, max_new_tokens)
+
+
+def _decode_mode(mode: str, cache, max_new_tokens: int, notes: list[str]) -> str:
+    """``mode``, or "eager" where graphs cannot help (sliding-window cache layers, too few steps)."""
+    plain_layers = all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
+    if mode in ("cuda-graph", "compile") and not plain_layers:
+        notes.append("sliding-window cache layers keep a Python counter: decoded without CUDA graphs")
+        mode = "eager"
+    if mode == "cuda-graph" and max_new_tokens <= 1 + WARMUP_STEPS:
+        mode = "eager"
+    return mode
+
+
+def _decode(dec: _Decoder, mode: str, max_new_tokens: int, force_tokens: bool, progress: bool,
+            sync: Callable[[], None], notes: list[str]) -> tuple[torch.Tensor, int, float, float, str]:
+    """Decode steps after the prefill's token: (tokens [rows, produced] on the host, produced, capture seconds,
+    decode seconds, the mode that ran)."""
+    device = dec.tokens.device
+    produced, capture_s = 1, 0.0
+    t0 = time.perf_counter()
+    bar = _bar(progress, max_new_tokens)
+    bar.update(1)
+    step = dec.step
+    if mode == "compile":  # experimental: the first call compiles, counted as capture time
+        step = _compiled_step(dec)
+        t1 = time.perf_counter()
+        step()
+        sync()
+        capture_s += time.perf_counter() - t1
+        produced += 1
+        bar.update(1)
+    graph_replay = None
+    while produced < max_new_tokens:
+        run = graph_replay
+        if run is None and mode == "cuda-graph":
+            _warm_up(dec, device)
+            produced += WARMUP_STEPS
+            bar.update(WARMUP_STEPS)
+            t1 = time.perf_counter()
+            run = graph_replay = _capture_graph(dec, notes)
+            if run is None:
+                mode = "eager"
+            capture_s += time.perf_counter() - t1
+        (run or step)()
+        produced += 1
+        bar.update(1)
+        if not force_tokens and produced % CHECK_EVERY == 0 and bool(dec.done.all()):
+            break
+    tokens = dec.tokens[:, :produced].cpu()  # [rows, produced]
+    decode_s = time.perf_counter() - t0 - capture_s
+    bar.close()
+    return tokens, produced, capture_s, decode_s, mode
+
+
+def _compiled_step(dec: _Decoder) -> Callable[[], None]:
+    for buf in (dec.ids, dec.position, dec.tokens, dec.index, dec.done, dec.mask):
+        torch._dynamo.mark_static_address(buf)
+    return torch.compile(dec.step, mode="reduce-overhead")
+
+
+def _warm_up(dec: _Decoder, device: torch.device) -> None:
+    """`WARMUP_STEPS` real (eager) decode steps on a side stream, as CUDA-graph capture requires."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_STEPS):
+            dec.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _capture_graph(dec: _Decoder, notes: list[str]) -> Callable[[], None] | None:
+    """The decode step captured as a CUDA graph (its replay), or None (reason logged) if capture fails."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            dec.step()
+        return graph.replay
+    except Exception as exc:  # e.g. a host sync inside the model's forward
+        log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+        notes.append(f"CUDA graph capture failed: {type(exc).__name__}")
+        return None
+
+
+def _cut_rows(tokens: torch.Tensor, n_prompts: int, stop: Sequence[int], force_tokens: bool
+              ) -> list[list[tuple[list[int], bool]]]:
+    """[prompt][condition] -> (ids up to and including the first stop token, whether one was found)."""
+    stop_set = set(stop)
+    out: list[list[tuple[list[int], bool]]] = [[] for _ in range(n_prompts)]
+    for r, row in enumerate(tokens.tolist()):
+        end = None if force_tokens else next((k + 1 for k, t in enumerate(row) if t in stop_set), None)
+        out[r % n_prompts].append((row if end is None else row[:end], end is not None))
+    return out
+
+
+def _bar(progress: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate [fast]", unit="tok", disable=not progress, dynamic_ncols=True)

@@ -1,0 +1,164 @@
+"""Synthetic models and prompts for the benchmark: random-weight models of a real shape driven by token ids.
+
+Models are given as token ids through `IdTokenizer` ("2 106 1645 108"), so random-weight models of a real
+shape need no vocabulary, and every library function that takes instruction strings runs unchanged.
+Prompts are random token ids with JailbreakBench-like instruction lengths (15-45 tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..core.model import ChatFormat, LoadedModel, find_blocks
+from ..errors import UserError
+
+INSTRUCTION_TOKENS = (15, 45)  # JailbreakBench instructions are about 15-45 gemma tokens long
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A random-weight model: its GemmaConfig fields and the token ids of its chat format."""
+
+    config: dict
+    prefix_ids: tuple[int, ...]  # <bos><start_of_turn>user\n
+    suffix_ids: tuple[int, ...]  # <end_of_turn>\n<start_of_turn>model\n (post-instruction tokens)
+    special_ids: tuple[int, ...]
+    first_body_id: int  # instruction tokens are drawn from [first_body_id, vocab_size)
+
+
+_GEMMA_COMMON = dict(hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+                     max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                     pad_token_id=0, attention_bias=False)
+SHAPES = {
+    # gemma-2b-it's exact shape (2.506 B parameters); 1645 stands in for "user".
+    "gemma-2b-shape": Shape(dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                                 num_attention_heads=8, num_key_value_heads=1, head_dim=256, **_GEMMA_COMMON),
+                            (2, 106, 1645, 108), (107, 108, 106, 2516, 108), (0, 1, 2, 106, 107), 1000),
+    "tiny": Shape(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_GEMMA_COMMON),
+                  (2, 3, 6, 5), (4, 5, 3, 7, 5), (0, 1, 2, 3, 4), 8),
+}
+
+
+class IdTokenizer:
+    """A stand-in tokenizer whose text is space-separated token ids ("2 106 1645 108").
+
+    Enough of the HF tokenizer interface for this package (call with padding, decode, special ids), so
+    a model can be driven by token ids alone.
+    """
+
+    def __init__(self, pad_token_id: int, bos_token_id: int | None, eos_token_id: int | None,
+                 special_ids: Sequence[int] = ()):
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        self.all_special_ids = sorted({*special_ids, *(i for i in (pad_token_id, bos_token_id, eos_token_id)
+                                                       if i is not None)})
+        self.padding_side = "left"
+
+    @staticmethod
+    def encode_text(ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __call__(self, texts, padding: bool = False, add_special_tokens: bool = False, return_tensors=None, **_):
+        single = isinstance(texts, str)
+        ids = [[int(t) for t in s.split()] for s in ([texts] if single else texts)]
+        if not padding and return_tensors is None:
+            return {"input_ids": ids[0] if single else ids}
+        width = max(len(x) for x in ids)
+        input_ids = [[self.pad_token_id] * (width - len(x)) + x for x in ids]
+        mask = [[0] * (width - len(x)) + [1] * len(x) for x in ids]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(input_ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return self.encode_text(i for i in ids if i not in skip)
+
+
+def id_model(hf_model: torch.nn.Module, model_id: str, prefix_ids: Sequence[int], suffix_ids: Sequence[int],
+             special_ids: Sequence[int], pad: int, bos: int | None, eos: int | None,
+             first_body_id: int) -> LoadedModel:
+    """Wrap an HF causal LM as a `LoadedModel` that reads and writes token-id text (see `IdTokenizer`)."""
+    tok = IdTokenizer(pad, bos, eos, [*special_ids, suffix_ids[0]])
+    chat = ChatFormat(IdTokenizer.encode_text(prefix_ids) + " ", " " + IdTokenizer.encode_text(suffix_ids),
+                      "synthetic token ids")
+    blocks, final_norm = find_blocks(hf_model)
+    return LoadedModel(model=hf_model, tokenizer=tok, model_id=model_id, chat=chat,
+                       post_instruction_ids=list(suffix_ids), blocks=blocks, final_norm=final_norm,
+                       extra={"first_body_id": first_body_id})
+
+
+def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto", seed: int = 0,
+                 **config) -> LoadedModel:
+    """A random-weight Gemma of a named shape (see `SHAPES`), built directly on the device.
+
+    ``config`` overrides GemmaConfig fields. With the default ``initializer_range`` (0.02) greedy decoding
+    repeats the last prompt token forever; ``initializer_range=0.08`` gives varied tokens.
+    """
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from ..core.model import resolve_device, resolve_dtype
+
+    if shape not in SHAPES:
+        raise UserError(f"unknown model shape {shape!r}; use one of {', '.join(SHAPES)} or a model directory")
+    spec = SHAPES[shape]
+    device = resolve_device(device)
+    torch_dtype, reason = resolve_dtype(dtype, device)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch_dtype)  # as from_pretrained does: no float32 copy of the weights
+        with torch.device(device):
+            model = GemmaForCausalLM(GemmaConfig(**{**spec.config, **config}))
+    finally:
+        torch.set_default_dtype(old)
+    model.eval().requires_grad_(False)  # no .to(dtype): rotary inv_freq stays float32, as from_pretrained leaves it
+    lm = id_model(model, f"{shape} (random weights)", spec.prefix_ids, spec.suffix_ids, spec.special_ids,
+                  pad=0, bos=2, eos=1, first_body_id=spec.first_body_id)
+    lm.dtype_reason = reason
+    return lm
+
+
+def as_id_model(lm: LoadedModel) -> LoadedModel:
+    """The same model driven by token ids: chat prefix/suffix ids come from its own tokenizer."""
+    if isinstance(lm.tokenizer, IdTokenizer):
+        return lm
+    tok = lm.tokenizer
+    prefix = tok(lm.chat.prefix, add_special_tokens=False)["input_ids"]
+    special = list(getattr(tok, "all_special_ids", []))
+    out = id_model(lm.model, lm.model_id, prefix, lm.post_instruction_ids, special, pad=tok.pad_token_id,
+                   bos=tok.bos_token_id, eos=tok.eos_token_id, first_body_id=min(100, len(tok) // 2))
+    out.extra["vocab_size"] = min(len(tok), int(lm.model.config.get_text_config().vocab_size))
+    out.dtype_reason = lm.dtype_reason
+    return out
+
+
+def bench_model(model: str | LoadedModel = "tiny", device: str = "auto", dtype: str = "auto",
+                seed: int = 0) -> LoadedModel:
+    """``tiny`` / ``gemma-2b-shape`` (random weights), a local model directory or .gguf, or a LoadedModel."""
+    if isinstance(model, LoadedModel):
+        return as_id_model(model)
+    if model in SHAPES:
+        return random_model(model, device, dtype, seed)
+    from ..core.model import load_model
+
+    return as_id_model(load_model(model, device=device, dtype=dtype))
+
+
+def synthetic_instructions(lm: LoadedModel, n: int, seed: int = 0,
+                           lengths: tuple[int, int] = INSTRUCTION_TOKENS) -> list[str]:
+    """``n`` instructions of random token ids, lengths uniform in ``lengths`` (inclusive), as id text."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(lm.extra.get("vocab_size") or lm.model.config.get_text_config().vocab_size)
+    low = int(lm.extra.get("first_body_id", 8))
+    special = set(lm.tokenizer.all_special_ids)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g))
+        ids = [i for i in torch.randint(low, vocab, (k,), generator=g).tolist() if i not in special] or [low]
+        out.append(IdTokenizer.encode_text(ids))
+    return out
