@@ -9,8 +9,9 @@ import torch
 from tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
 
 from refusal_direction.accel.fast_forward import RowInterventions, SweepDecoder
+from refusal_direction.core.interventions import per_row_interventions
 from refusal_direction.core.model import wrap_model
-from refusal_direction.selection import _last_logits, _opening_cache, per_row_interventions
+from refusal_direction.selection.logits import last_logits, opening_cache
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea.", "What is 2+2?", "Name three primes"]
 
@@ -58,7 +59,7 @@ def _interventions(lm, n, seed=0):
 
 def _reference(lm, seqs, dirs=None, adds=None, layers=None):
     with torch.no_grad(), per_row_interventions(lm, dirs, adds, layers):
-        return _last_logits(lm, seqs)
+        return last_logits(lm, seqs)
 
 
 def _close(a, b):
@@ -97,7 +98,7 @@ def test_prefix_rows_and_replay_equal_full_passes(lm):
         assert _close(got, want)[0], _close(got, want)
         # the prefix's keys and values equal HF's cache of the opening under the same hooks
         with per_row_interventions(lm, dirs, adds, layers):
-            cache = _opening_cache(lm, seqs[0][:n_open], len(seqs))
+            cache = opening_cache(lm, seqs[0][:n_open], len(seqs))
         assert torch.allclose(prefix.keys[-1], cache.layers[-1].keys, atol=1e-5)
         # a capture of the baseline, replayed from block `start` with an addition there
         base_prefix = decoder.kv_prefix(seqs[0][:n_open], RowInterventions(), 1)

@@ -13,13 +13,13 @@ from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.directions import diff_in_means
 from refusal_direction.core.interventions import ActivationAddition, DirectionalAblation, apply_intervention
 from refusal_direction.errors import UserError
+from refusal_direction.report.selection_figure import plot_selection_heatmaps
 from refusal_direction.selection import (
     CandidateScore,
     SelectionThresholds,
     filter_and_rank,
     filter_validation,
     load_scores,
-    plot_selection_heatmaps,
     refusal_metric,
     refusal_metrics,
     refusal_token_ids,
@@ -191,9 +191,13 @@ def test_nothing_survives_explains_and_suggests(reference_run):
 
 
 def test_heatmap_writes_png(tmp_path, reference_run):
+    import matplotlib
+
     scores = load_scores(reference_run / "select_direction" / "direction_evaluations.json")
+    backend = matplotlib.get_backend()
     path = plot_selection_heatmaps(scores, 18, [-5, -4, -3, -2, -1], tmp_path / "fig" / "sel.png", chosen=(-2, 10))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert matplotlib.get_backend() == backend  # drawn with the object API: no global backend switch
 
 
 def test_lazy_selection_chooses_what_the_full_sweep_chooses():
@@ -230,7 +234,7 @@ def test_lazy_selection_chooses_what_the_full_sweep_chooses():
 
 
 def test_opening_fallback_when_the_cache_path_fails(tiny_lm, setup, caplog, monkeypatch):
-    import refusal_direction.selection as selection
+    import refusal_direction.selection.logits as logits
 
     candidates, ids = setup
     ref = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2],
@@ -239,7 +243,7 @@ def test_opening_fallback_when_the_cache_path_fails(tiny_lm, setup, caplog, monk
     def refuse(*args, **kwargs):
         raise TypeError("this model takes no past_key_values")
 
-    monkeypatch.setattr(selection, "_opening_cache", refuse)
+    monkeypatch.setattr(logits, "opening_cache", refuse)
     caplog.set_level(logging.INFO, logger="refusal_direction.selection")
     got = score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2])
     assert "shared chat-template opening unavailable" in caplog.text and "opening shared" not in caplog.text

@@ -31,10 +31,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from ..core.sdpa import SDPA_NAMES, restricted_sdpa  # noqa: F401  (re-exported for accel's callers)
 
 log = logging.getLogger(__name__)
 
@@ -236,27 +238,6 @@ def fused_rotary(model: torch.nn.Module, enabled: bool = True,
     finally:
         for module, original in reversed(swapped):
             module.apply_rotary_pos_emb = original
-
-
-SDPA_NAMES = ("flash", "efficient", "cudnn", "math")
-
-
-@contextlib.contextmanager
-def restricted_sdpa(device: torch.device, names: Sequence[str] | None) -> Iterator[list[str]]:
-    """Restrict PyTorch's scaled-dot-product attention to ``names`` (in order of preference) on CUDA for the
-    block; None or a non-CUDA device: torch's own choice. Yields a note for logs (empty if nothing changed)."""
-    if not names or torch.device(device).type != "cuda":
-        yield []
-        return
-    bad = [n for n in names if n not in SDPA_NAMES]
-    if bad:
-        raise ValueError(f"unknown SDPA backend(s) {bad}: use {', '.join(SDPA_NAMES)}")
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    with sdpa_kernel([table[n] for n in names]):
-        yield [f"SDPA backends: {', '.join(names)}"]
 
 
 @contextlib.contextmanager

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
-from ..accel import restricted_sdpa
 from .batching import run_batched
 from .model import LoadedModel
+from .sdpa import restricted_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def mean_resid_pre(
 ) -> torch.Tensor:
     """Mean resid_pre over ``instructions``: [n_positions, n_layers, d_model], float64, on CPU.
 
-    ``sdpa``: attention kernels allowed on CUDA (`fusion.restricted_sdpa`; None: torch's pick). Batches come in
+    ``sdpa``: attention kernels allowed on CUDA (`core.sdpa.restricted_sdpa`; None: torch's pick). Batches come in
     many padded lengths, and torch's pick on an H200 (cuDNN) builds an execution plan for each new one.
     """
     n_positions = n_positions or lm.n_post_instruction

@@ -9,17 +9,20 @@
 Hooks return new tensors (never edit activations in place) and are removed on exit, also on error.
 Every hook takes an optional per-row switch ``rows`` ([batch] float/bool): the intervention applies
 only where it is 1, so several conditions can share one batch (one read of the weights per step).
+`per_row_interventions` goes further for the selection sweep: each batch row has its own direction to
+ablate and its own vector and layer to add. Both register their hooks through the same two helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
 from .model import LoadedModel
+from .padding import device_tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +125,21 @@ def output_hook(fn):
     return hook
 
 
+def _hook_every_site(lm: LoadedModel, fn) -> list:
+    """Apply ``fn`` at every block input and every attention/MLP output (the ablation sites); the handles."""
+    handles = []
+    for site in lm.blocks:
+        handles.append(site.block.register_forward_pre_hook(input_hook(fn), with_kwargs=True))
+        handles.append(site.attn_out.register_forward_hook(output_hook(fn)))
+        handles.append(site.mlp_out.register_forward_hook(output_hook(fn)))
+    return handles
+
+
+def _hook_block_input(lm: LoadedModel, layer: int, fn):
+    """Apply ``fn`` to block ``layer``'s input hidden states (the addition site); the handle."""
+    return lm.blocks[layer].block.register_forward_pre_hook(input_hook(fn), with_kwargs=True)
+
+
 @contextlib.contextmanager
 def apply_intervention(
     lm: LoadedModel, intervention: Intervention, rows: torch.Tensor | None = None
@@ -143,10 +161,7 @@ def apply_intervention(
             def fn(x):
                 return ablate(x, r_hat, r_rows)
 
-            for site in lm.blocks:
-                handles.append(site.block.register_forward_pre_hook(input_hook(fn), with_kwargs=True))
-                handles.append(site.attn_out.register_forward_hook(output_hook(fn)))
-                handles.append(site.mlp_out.register_forward_hook(output_hook(fn)))
+            handles += _hook_every_site(lm, fn)
         elif isinstance(intervention, ActivationAddition):
             if not 0 <= intervention.layer < lm.n_layers:
                 raise ValueError(f"layer={intervention.layer} out of range (0..{lm.n_layers - 1})")
@@ -155,10 +170,44 @@ def apply_intervention(
             def fn(x):
                 return add(x, vec, rows)
 
-            site = lm.blocks[intervention.layer]
-            handles.append(site.block.register_forward_pre_hook(input_hook(fn), with_kwargs=True))
+            handles.append(_hook_block_input(lm, intervention.layer, fn))
         elif not isinstance(intervention, Baseline):
             raise TypeError(f"unknown intervention {intervention!r}")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def per_row_interventions(
+    lm: LoadedModel,
+    ablate_dirs: torch.Tensor | None = None,
+    add_vectors: torch.Tensor | None = None,
+    add_layers: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Hook per-row interventions into ``lm.model`` for one batch.
+
+    ``ablate_dirs`` [batch, d_model]: unit direction ablated from row b at every block input and every
+    attention/MLP output (a zero row leaves that row untouched). ``add_vectors`` [batch, d_model] with
+    ``add_layers`` [batch] (-1 = none): vector added to row b at the input of block ``add_layers[b]``.
+    """
+    handles = []
+    try:
+        if ablate_dirs is not None:
+            def fn_ablate(x):
+                return ablate_rows(x, ablate_dirs)
+
+            handles += _hook_every_site(lm, fn_ablate)
+        if add_vectors is not None:
+            layers = device_tensor(list(add_layers), add_vectors.device)  # [batch]
+            for layer in sorted(set(add_layers) - {-1}):
+                vec = torch.where((layers == layer).unsqueeze(-1), add_vectors, 0)  # [batch, d]
+
+                def fn_add(x, vec=vec):
+                    return x + vec.unsqueeze(1)
+
+                handles.append(_hook_block_input(lm, layer, fn_add))
         yield
     finally:
         for h in handles:

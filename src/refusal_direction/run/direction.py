@@ -34,6 +34,7 @@ def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections 
 
 def select_direction(run: Run, samples: Samples, candidates: CandidateDirections) -> tuple[int, int]:
     from .. import selection
+    from ..report.selection_figure import plot_selection_heatmaps
 
     lm, c = run.lm, run.config
     t0 = time.perf_counter()
@@ -60,9 +61,9 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
         result = selection.filter_and_rank(scores, candidates.n_layers, thresholds)
     run.timing("select_s", time.perf_counter() - t0)
     (run.out / "figures").mkdir(exist_ok=True)
-    selection.plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
-                                      run.out / "figures" / "selection_heatmaps.png",
-                                      chosen=(result.position, result.layer), thresholds=thresholds)
+    plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
+                            run.out / "figures" / "selection_heatmaps.png",
+                            chosen=(result.position, result.layer), thresholds=thresholds)
     atomic_write_json(run.out / "selection.json", {
         **selection.result_to_json(result, scores), "strategy": c.select_strategy,
         "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val), "filter_val": c.filter_val,
