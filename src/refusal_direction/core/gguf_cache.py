@@ -47,6 +47,7 @@ def _save_atomically(obj, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
     try:
         obj.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         os.replace(tmp, target)
     except OSError as exc:  # another process won the race, or the cache is read-only: both fine
         log.info("could not cache %s (%s)", target, exc)
