@@ -73,6 +73,8 @@ def _overrides(**kw) -> dict:
 # Options shared by replicate and demo -------------------------------------------------------------
 OUT = typer.Option(..., "--out", help="run directory (created; an existing one of the same config resumes)")
 CONFIG = typer.Option(None, "--config", help="TOML file with config keys (CLI flags override it)")
+DEVICE_MAP = typer.Option(None, help="dispatch over GPUs/CPU/disk: auto | balanced | sequential | FILE.json")
+MAX_MEMORY = typer.Option(None, help="memory per device for --device-map, e.g. 0=60GiB,cpu=200GiB")
 
 
 @app.command()
@@ -99,6 +101,7 @@ def replicate(
     stop_at_end_of_turn: bool | None = typer.Option(None, "--stop-at-end-of-turn/--no-stop-at-end-of-turn",
                                                        help="stop at the end-of-turn token [no, as the paper]"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]"),
+    device_map: str | None = DEVICE_MAP, max_memory: str | None = MAX_MEMORY,
     dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]"),
     safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
@@ -118,7 +121,7 @@ def replicate(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
                            select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
                            device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
-                           direction_file=direction_file)
+                           direction_file=direction_file, device_map=device_map, max_memory=max_memory)
     if no_safety:
         overrides["safety"] = False
     if require_safety:
@@ -179,9 +182,11 @@ def extract(run_dir: Path = typer.Argument(..., help="run directory"),
 @user_errors
 def generate(run_dir: Path = typer.Argument(..., help="run directory"),
              force: bool = typer.Option(False, "--force"), verbose: bool = typer.Option(False, "-v"),
-             batch_size: int | None = typer.Option(None), device: str | None = typer.Option(None)) -> None:
+             batch_size: int | None = typer.Option(None), device: str | None = typer.Option(None),
+             device_map: str | None = DEVICE_MAP, max_memory: str | None = MAX_MEMORY) -> None:
     """Generate completions for every condition of an existing run directory."""
-    _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device)
+    _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device, device_map=device_map,
+           max_memory=max_memory)
 
 
 @app.command()
@@ -245,15 +250,20 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", help="new model directory"),
     force: bool = typer.Option(False, "--force", help="replace a previous export in --out"),
     device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
+    streaming: bool = typer.Option(False, "--streaming", help="edit the safetensors shards one at a time (no model "
+                                                              "in memory; automatic with a run's --device-map)"),
 ) -> None:
     """Write an HF model directory with the run's direction projected out of the weights (research only)."""
-    from .export import export_model
+    from .export import export_model, export_streaming
     from .run import pipeline
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None)
-    direction = run.saved_direction()
-    export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
+    direction, info = run.saved_direction(), {"source_run": str(run_dir.resolve())}
+    if streaming or run.config.device_map:
+        export_streaming(run.config.model, direction, out, info, force=force, revision=run.config.revision)
+    else:
+        export_model(run.lm, direction, out, info, force=force)
     print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
 
 
@@ -362,7 +372,7 @@ def select(
 @app.command()
 @user_errors
 def bench(
-    model: str = typer.Option("tiny", help="tiny | gemma-2b-shape (random weights) | a model path/id"),
+    model: str = typer.Option("tiny", help="tiny | gemma-2b-shape | llama-3-8b-shape (random) | a model path/id"),
     n_prompts: int = typer.Option(100, help="prompts per condition"),
     new_tokens: int = typer.Option(512, help="forced new tokens per prompt"),
     paper_batches: int = typer.Option(2, help="batches of the paper's approach to time (then scaled)"),

@@ -22,6 +22,8 @@ from .errors import UserErrors
 # Known (layer, position) of published directions: the paper's Table 5.
 KNOWN_DIRECTIONS: dict[str, tuple[int, int]] = {"google/gemma-2b-it": (10, -2)}
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (or a JSON file)
+
 ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline", "harmless_actadd")
 
 # Direction selection thresholds (the paper's): the one definition, read by RunConfig, the `select` command
@@ -52,6 +54,10 @@ class RunConfig:
     chat_template: str | None = _f(None, "Jinja chat template file, for tokenizers that lack one")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16")
+    device_map: str | None = _f(None, "dispatch the model (and the safety judge) over GPUs/CPU/disk with accelerate: "
+                                      "auto | balanced | balanced_low_0 | sequential | FILE.json (default: one device)")
+    max_memory: str | None = _f(None, "memory per device for device_map, e.g. '0=60GiB,cpu=200GiB'")
+    offload_folder: str | None = _f(None, "folder for weights device_map puts on 'disk' (default: a temp folder)")
     # data
     data_dir: str | None = _f(None, "data directory like datasets/ (else $REFUSAL_DIRECTION_DATA, else download)")
     harmful_train: str = _f("harmful_train", "named set or file of harmful training instructions")
@@ -116,7 +122,8 @@ class RunConfig:
 
     def fingerprint(self) -> str:
         """Hash of the fields that change results (not batch sizes, device or the data location)."""
-        ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend"}
+        ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend",
+                  "device_map", "max_memory", "offload_folder"}
         d = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -231,6 +238,10 @@ def validate(c: RunConfig) -> list[str]:
         p.append(f"dtype={c.dtype!r}: use auto, float32, bfloat16 or float16")
     if not (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")):
         p.append(f"device={c.device!r}: use auto, cpu, cuda or cuda:N")
+    if c.device_map is not None and c.device_map not in DEVICE_MAPS and not Path(c.device_map).is_file():
+        p.append(f"device_map={c.device_map!r}: use {', '.join(DEVICE_MAPS)} or an existing JSON file")
+    if c.max_memory is not None and c.device_map is None:
+        p.append("max_memory needs device_map (e.g. --device-map auto --max-memory 0=60GiB,cpu=200GiB)")
     if not 0 <= c.prune_layer_fraction < 1:
         p.append(f"prune_layer_fraction={c.prune_layer_fraction} must be in [0, 1)")
     if c.chat_template and not Path(c.chat_template).is_file():

@@ -262,7 +262,9 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _unsupported(lm: LoadedModel) -> str:
-    """Why ``lm`` is not a standard pre-norm decoder this module can run ("" if it is)."""
+    """Why ``lm`` is not a standard pre-norm decoder on one device that this module can run ("" if it is)."""
+    if lm.placement:
+        return f"the model is {lm.placement} (the sweep forward needs every weight on one device)"
     decoder = lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else None
     if not isinstance(decoder, nn.Module):
         return "no decoder module"

@@ -165,6 +165,8 @@ def generate_fast_ids(
 def check_supported(lm: LoadedModel) -> None:
     """Raise `FastPathUnsupported` when the model cannot be driven step by step with a `StaticCache`."""
     config = lm.model.config
+    if lm.placement:
+        raise FastPathUnsupported(f"the model is {lm.placement}; the static cache and CUDA graphs need one GPU")
     if getattr(config, "is_encoder_decoder", False):
         raise FastPathUnsupported("encoder-decoder models are not supported")
     params = inspect.signature(lm.model.forward).parameters

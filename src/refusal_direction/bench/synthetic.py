@@ -20,13 +20,14 @@ INSTRUCTION_TOKENS = (15, 45)  # JailbreakBench instructions are about 15-45 gem
 
 @dataclass(frozen=True)
 class Shape:
-    """A random-weight model: its GemmaConfig fields and the token ids of its chat format."""
+    """A random-weight model: its config fields (of ``family``'s config class) and the token ids of its chat format."""
 
     config: dict
     prefix_ids: tuple[int, ...]  # <bos><start_of_turn>user\n
     suffix_ids: tuple[int, ...]  # <end_of_turn>\n<start_of_turn>model\n (post-instruction tokens)
     special_ids: tuple[int, ...]
     first_body_id: int  # instruction tokens are drawn from [first_body_id, vocab_size)
+    family: str = "gemma"  # "gemma" (GemmaForCausalLM) or "llama" (LlamaForCausalLM)
 
 
 _GEMMA_COMMON = dict(hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -40,6 +41,16 @@ SHAPES = {
     "tiny": Shape(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_GEMMA_COMMON),
                   (2, 3, 6, 5), (4, 5, 3, 7, 5), (0, 1, 2, 3, 4), 8),
+    # Llama-3-8B(-Instruct)'s exact shape (8.03 B parameters, untied unembedding); the ids are its chat format's:
+    # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|><|start_header_id|>assistant
+    # <|end_header_id|>\n\n (271 = "\n\n").
+    "llama-3-8b-shape": Shape(dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                                   rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+                                   hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000,
+                                   eos_token_id=128009, pad_token_id=128004),
+                              (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
+                              (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
 }
 
 
@@ -94,12 +105,12 @@ def id_model(hf_model: torch.nn.Module, model_id: str, prefix_ids: Sequence[int]
 
 def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto", seed: int = 0,
                  **config) -> LoadedModel:
-    """A random-weight Gemma of a named shape (see `SHAPES`), built directly on the device.
+    """A random-weight model of a named shape (see `SHAPES`: a Gemma or a Llama), built directly on the device.
 
-    ``config`` overrides GemmaConfig fields. With the default ``initializer_range`` (0.02) greedy decoding
+    ``config`` overrides the shape's config fields. With the default ``initializer_range`` (0.02) greedy decoding
     repeats the last prompt token forever; ``initializer_range=0.08`` gives varied tokens.
     """
-    from transformers import GemmaConfig, GemmaForCausalLM
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from ..core.model import resolve_device, resolve_dtype
 
@@ -113,12 +124,15 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
     try:
         torch.set_default_dtype(torch_dtype)  # as from_pretrained does: no float32 copy of the weights
         with torch.device(device):
-            model = GemmaForCausalLM(GemmaConfig(**{**spec.config, **config}))
+            fields = {**spec.config, **config}
+            model = (LlamaForCausalLM(LlamaConfig(**fields)) if spec.family == "llama"
+                     else GemmaForCausalLM(GemmaConfig(**fields)))
     finally:
         torch.set_default_dtype(old)
     model.eval().requires_grad_(False)  # no .to(dtype): rotary inv_freq stays float32, as from_pretrained leaves it
     lm = id_model(model, f"{shape} (random weights)", spec.prefix_ids, spec.suffix_ids, spec.special_ids,
-                  pad=0, bos=2, eos=1, first_body_id=spec.first_body_id)
+                  pad=spec.config["pad_token_id"], bos=spec.config["bos_token_id"], eos=spec.config["eos_token_id"],
+                  first_body_id=spec.first_body_id)
     lm.dtype_reason = reason
     return lm
 
@@ -139,7 +153,7 @@ def as_id_model(lm: LoadedModel) -> LoadedModel:
 
 def bench_model(model: str | LoadedModel = "tiny", device: str = "auto", dtype: str = "auto",
                 seed: int = 0) -> LoadedModel:
-    """``tiny`` / ``gemma-2b-shape`` (random weights), a local model directory or .gguf, or a LoadedModel."""
+    """A name in `SHAPES` (random weights), a local model directory or .gguf, or a LoadedModel."""
     if isinstance(model, LoadedModel):
         return as_id_model(model)
     if model in SHAPES:

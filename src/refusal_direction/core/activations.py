@@ -38,7 +38,7 @@ def capture_resid_pre(lm: LoadedModel, instructions: Sequence[str], n_positions:
     def make_hook(layer: int):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            captured[layer] = x[:, -n_positions:, :].detach()
+            captured[layer] = x[:, -n_positions:, :].detach().to(lm.device)  # a dispatched block may be elsewhere
             if layer == lm.n_layers - 1:
                 raise _StopForward
         return hook

@@ -11,6 +11,8 @@ Every hook takes an optional per-row switch ``rows`` ([batch] float/bool): the i
 only where it is 1, so several conditions can share one batch (one read of the weights per step).
 `per_row_interventions` goes further for the selection sweep: each batch row has its own direction to
 ablate and its own vector and layer to add. Both register their hooks through the same two helpers.
+On a model dispatched over devices (accelerate's ``device_map``) every hook takes the direction on the
+device its activations are on (`follow`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from .model import LoadedModel
 from .padding import device_tensor
+from .placement import DeviceCopies
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +128,15 @@ def output_hook(fn):
     return hook
 
 
+def follow(lm: LoadedModel, *tensors: torch.Tensor | None):
+    """``at(x)``: ``tensors`` on x's device. On one device that is ``tensors`` themselves; on a dispatched model
+    each block's activations arrive on its own device, and each tensor is copied there once."""
+    if not lm.placement:
+        return lambda x: tensors
+    copies = [None if t is None else DeviceCopies(t) for t in tensors]
+    return lambda x: tuple(None if c is None else c.on(x.device) for c in copies)
+
+
 def _hook_every_site(lm: LoadedModel, fn) -> list:
     """Apply ``fn`` at every block input and every attention/MLP output (the ablation sites); the handles."""
     handles = []
@@ -157,18 +169,20 @@ def apply_intervention(
             # not at every hook call: each site then costs two kernels.
             r_rows = None if rows is None else (rows.to(device=lm.device, dtype=lm.dtype).unsqueeze(-1)
                                                 * r_hat).contiguous()
+            at = follow(lm, r_hat, r_rows)
 
             def fn(x):
-                return ablate(x, r_hat, r_rows)
+                return ablate(x, *at(x))
 
             handles += _hook_every_site(lm, fn)
         elif isinstance(intervention, ActivationAddition):
             if not 0 <= intervention.layer < lm.n_layers:
                 raise ValueError(f"layer={intervention.layer} out of range (0..{lm.n_layers - 1})")
             vec = (intervention.coeff * intervention.direction.double()).to(device=lm.device, dtype=lm.dtype)
+            at = follow(lm, vec, rows)
 
             def fn(x):
-                return add(x, vec, rows)
+                return add(x, *at(x))
 
             handles.append(_hook_block_input(lm, intervention.layer, fn))
         elif not isinstance(intervention, Baseline):
@@ -195,8 +209,10 @@ def per_row_interventions(
     handles = []
     try:
         if ablate_dirs is not None:
+            at_dirs = follow(lm, ablate_dirs)
+
             def fn_ablate(x):
-                return ablate_rows(x, ablate_dirs)
+                return ablate_rows(x, *at_dirs(x))
 
             handles += _hook_every_site(lm, fn_ablate)
         if add_vectors is not None:
@@ -204,8 +220,8 @@ def per_row_interventions(
             for layer in sorted(set(add_layers) - {-1}):
                 vec = torch.where((layers == layer).unsqueeze(-1), add_vectors, 0)  # [batch, d]
 
-                def fn_add(x, vec=vec):
-                    return x + vec.unsqueeze(1)
+                def fn_add(x, at=follow(lm, vec.unsqueeze(1))):
+                    return x + at(x)[0]
 
                 handles.append(_hook_block_input(lm, layer, fn_add))
         yield

@@ -79,7 +79,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the token embedding's (execution) device; with a device map, not every block's."""
+        return input_device(self.model)
+
+    @property
+    def placement(self) -> str:
+        """Why the model does not sit on one device ("" when it does: the fast paths' precondition)."""
+        return placement_note(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,47 +168,106 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     chat_template: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
-    """Load a Hub id, a local model directory, or a ``.gguf`` file, and derive its chat facts."""
+    """Load a Hub id, a local model directory, or a ``.gguf`` file, and derive its chat facts.
+
+    ``device_map`` (auto | balanced | balanced_low_0 | sequential | a FILE.json | a dict) and ``max_memory``
+    ("0=60GiB,cpu=200GiB" or a dict) dispatch the model over GPUs, CPU and disk with accelerate
+    (`core.placement`; docs/SCALING.md); ``device`` is then ignored except for the dtype choice.
+    """
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device)
-    torch_dtype, reason = resolve_dtype(dtype, device)
-    log.info("loading %s on %s (%s)", model, device, reason)
-    kwargs: dict = {}
-    source = model
+    dispatch = dispatch_kwargs(device_map, max_memory, offload_folder)
+    torch_dtype, reason = resolve_dtype(dtype, "cuda" if dispatch and torch.cuda.is_available() else device)
+    log.info("loading %s on %s (%s)", model, describe_dispatch(dispatch) or device, reason)
+    source, kwargs = model_source(model, revision)
+    token = os.environ.get("HF_TOKEN")
+    try:
+        tokenizer = load_tokenizer(source, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **kwargs, **dispatch)
+    except Exception as exc:  # translate hub/gating/offline failures into actionable messages
+        raise hub_error(model, exc) from exc
+    if not dispatch:
+        hf_model.to(device)
+    hf_model.eval()
+    hf_model.requires_grad_(False)
+    if dispatch:
+        log.info("device map: %s", placement_note(hf_model) or f"one device ({input_device(hf_model)})")
+    return wrap_model(hf_model, tokenizer, model_id=model, revision=revision,
+                      chat_template=chat_template, dtype_reason=reason)
+
+
+def model_source(model: str, revision: str | None = None) -> tuple[str, dict]:
+    """(directory or Hub id, from_pretrained kwargs) of a model argument; a ``.gguf`` file is its folder plus
+    ``gguf_file``. Preflight and `load_model` both use it, so their cache keys agree."""
     if model.endswith(".gguf"):
         path = Path(model)
         if not path.is_file():
             raise UserError(f"GGUF file {model!r} does not exist; for the demo model run "
                             "`refusal-direction fetch-model qwen2.5-coder-0.5b-instruct` first")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif revision:
-        kwargs["revision"] = revision
-    token = os.environ.get("HF_TOKEN")
-    try:
-        tokenizer = load_tokenizer(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **kwargs)
-    except Exception as exc:  # translate hub/gating/offline failures into actionable messages
-        raise hub_error(model, exc) from exc
-    hf_model.to(device).eval()
-    hf_model.requires_grad_(False)
-    return wrap_model(hf_model, tokenizer, model_id=model, revision=revision,
-                      chat_template=chat_template, dtype_reason=reason)
-
-
-_TOKENIZERS: dict[tuple, object] = {}
+        return str(path.parent), {"gguf_file": path.name}
+    return model, ({"revision": revision} if revision else {})
 
 
 def load_tokenizer(source: str, **kwargs):
-    """AutoTokenizer, cached per process (a GGUF tokenizer takes a minute to convert; preflight and the
-    model stage share it)."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer, cached per process and, for a GGUF file, converted once and kept on disk (`gguf_cache`)."""
+    from .gguf_cache import load_tokenizer_cached
 
-    key = (source, tuple(sorted(kwargs.items())))
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(source, token=os.environ.get("HF_TOKEN"), **kwargs)
-    return _TOKENIZERS[key]
+    return load_tokenizer_cached(source, **kwargs)
+
+
+def load_config(source: str, **kwargs):
+    """AutoConfig, cached per process and, for a GGUF file, on disk (`gguf_cache`)."""
+    from .gguf_cache import load_config_cached
+
+    return load_config_cached(source, **kwargs)
+
+
+def dispatch_kwargs(device_map: str | dict | None, max_memory: str | dict | None = None,
+                    offload_folder: str | None = None) -> dict:
+    """from_pretrained kwargs for accelerate dispatch ({} when ``device_map`` is None)."""
+    from .placement import parse_device_map, parse_max_memory
+
+    if device_map is None:
+        if max_memory is not None:
+            raise UserError("--max-memory needs --device-map (e.g. --device-map auto --max-memory 0=60GiB,cpu=200GiB)")
+        return {}
+    out: dict = {"device_map": parse_device_map(device_map)}
+    if max_memory is not None:
+        out["max_memory"] = parse_max_memory(max_memory)
+    if offload_folder is None:
+        import tempfile
+
+        offload_folder = tempfile.mkdtemp(prefix="refusal-direction-offload-")
+    out["offload_folder"] = offload_folder
+    return out
+
+
+def describe_dispatch(dispatch: dict) -> str:
+    if not dispatch:
+        return ""
+    dm = dispatch["device_map"]
+    text = f"device_map={dm if isinstance(dm, str) else 'FILE'}"
+    return text + (f", max_memory={dispatch['max_memory']}" if "max_memory" in dispatch else "")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device inputs must be on: the token embedding's execution device (accelerate's hook), else its weight's."""
+    from .placement import module_device
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return module_device(emb if emb is not None else model)
+
+
+def placement_note(model: nn.Module) -> str:
+    """Why ``model`` is not on one device ("" if it is): from accelerate's ``hf_device_map``."""
+    from .placement import placement_note as note
+
+    return note(model)
 
 
 def hub_error(model: str, exc: Exception) -> UserError:

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from ..core.batching import run_batched
-from ..core.model import resolve_device, resolve_dtype
+from ..core.model import describe_dispatch, dispatch_kwargs, input_device, resolve_device, resolve_dtype
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ class SafetyScorer:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (the embedding's device; with a device map, not every block's)."""
+        return input_device(self.model)
 
     def score(
         self,
@@ -234,8 +235,11 @@ def load_safety_scorer(
     device: str = "auto",
     dtype: str = "auto",
     max_length: int = 4096,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> SafetyScorer:
-    """Load the guard from a Hub id or a local directory (made by ``save_pretrained``)."""
+    """Load the guard from a Hub id or a local directory (made by ``save_pretrained``); ``device_map`` and
+    ``max_memory`` dispatch it over devices as for the model under study (`core.model.load_model`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_id_or_path
@@ -246,15 +250,18 @@ def load_safety_scorer(
     if Path(source).expanduser().is_dir():
         source = str(Path(source).expanduser())
     device = resolve_device(device)
-    torch_dtype, reason = resolve_dtype(dtype, device)
-    log.info("loading safety model %s on %s (%s)", model_id_or_path, device, reason)
+    dispatch = dispatch_kwargs(device_map, max_memory)
+    torch_dtype, reason = resolve_dtype(dtype, "cuda" if dispatch and torch.cuda.is_available() else device)
+    log.info("loading safety model %s on %s (%s)", model_id_or_path, describe_dispatch(dispatch) or device, reason)
     token = os.environ.get("HF_TOKEN")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, token=token)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **dispatch)
     except Exception as exc:
         raise load_error(model_id_or_path, exc) from exc
-    model.to(device).eval().requires_grad_(False)
+    if not dispatch:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return SafetyScorer(model, tokenizer, model_id=model_id_or_path, max_length=max_length)
 
 

@@ -172,7 +172,7 @@ def _embeddings_shared(model: nn.Module) -> bool:
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or emb is None or getattr(out, "weight", None) is None:
         return False
-    return out.weight is emb.weight or (out.weight.data_ptr() == emb.weight.data_ptr()
+    return out.weight is emb.weight or (out.weight.data_ptr() == emb.weight.data_ptr() != 0  # 0: meta, no data
                                         and out.weight.device == emb.weight.device)
 
 
@@ -200,11 +200,28 @@ def untie_embeddings_(model: nn.Module) -> bool:
     return shared
 
 
+def _same_output(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The linear layer's output is the site's output: equal values, or on the meta device (no values), the
+    same tensor object (what a module returns when it passes the projection's output straight through)."""
+    if a.device.type == "meta" or b.device.type == "meta":
+        return a is b
+    return torch.equal(a, b)
+
+
+def _probe_mask(ids: torch.Tensor) -> torch.Tensor | None:
+    """None (causal) for a real probe. On the meta device a ready 4-D causal mask [1, 1, seq, seq]: transformers
+    then builds no mask of its own, whose data-dependent checks cannot run without values."""
+    if ids.device.type != "meta":
+        return None
+    return torch.ones(1, 1, ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+
+
 def find_residual_writers(model: nn.Module, blocks) -> list[nn.Module]:
     """For every block's attention and MLP site, the linear layer whose output is the site's output.
 
     Found by one probe forward pass (4 tokens): the last nn.Linear / Conv1D with d_model outputs that
-    runs inside the site module, checked to produce exactly the module's output.
+    runs inside the site module, checked to produce exactly the module's output. The probe also runs on a
+    model on the meta device (no weights: `stream.residual_roles`), where "exactly" means the same tensor.
     """
     d_model = int(model.config.get_text_config().hidden_size)
     sites = [(i, kind, m) for i, s in enumerate(blocks) for kind, m in (("attention", s.attn_out), ("MLP", s.mlp_out))]
@@ -244,7 +261,7 @@ def find_residual_writers(model: nn.Module, blocks) -> list[nn.Module]:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, attention_mask=_probe_mask(ids), use_cache=False)
         model.train(was_training)
     finally:
         for h in handles:
@@ -254,7 +271,7 @@ def find_residual_writers(model: nn.Module, blocks) -> list[nn.Module]:
     for i, kind, module in sites:
         seen = calls.get(id(module), [])
         out = outputs.get(id(module))
-        if not seen or out is None or not torch.equal(seen[-1][1], out):
+        if not seen or out is None or not _same_output(seen[-1][1], out):
             raise UserError(
                 f"block {i}'s {kind} module ({type(module).__name__}) does not return the output of one "
                 f"linear layer with d_model={d_model} outputs (found {len(seen)} candidate calls); weight "

@@ -16,7 +16,8 @@ from ..core.interventions import DirectionalAblation, apply_intervention
 from ..core.model import LoadedModel, find_blocks
 from ..core.padding import position_ids
 from ..errors import UserError
-from .save import direction_digest, read_export_info
+from .card import direction_digest
+from .save import read_export_info
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,18 @@ __all__ = ["BACKENDS", "Generated", "GenerationSettings", "choose_backend", "gen
 
 
 def choose_backend(lm: LoadedModel, backend: str = "auto") -> str:
-    """``"fast"`` or ``"hf"``: ``auto`` takes the fast path on CUDA, HF generate elsewhere."""
+    """``"fast"`` or ``"hf"``: ``auto`` takes the fast path when the model sits on one CUDA device, HF generate
+    elsewhere. A model dispatched over several devices (``--device-map``) always takes HF generate, with the
+    reason logged, also when ``"fast"`` was asked for: the fast path's static cache and CUDA graphs need every
+    weight on one GPU."""
     if backend not in BACKENDS:
         raise ValueError(f"generation backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "hf":
+        return "hf"
+    if lm.placement:
+        log.info("generation: HF generate, not the fast path: the model is %s (the fast path needs one GPU)",
+                 lm.placement)
+        return "hf"
     if backend == "auto":
         return "fast" if lm.device.type == "cuda" else "hf"
     return backend

@@ -30,7 +30,7 @@ def stage_safety(run: Run, force: bool = False) -> dict:
     from ..evaluation.safety import load_safety_scorer
 
     try:
-        scorer = load_safety_scorer(c.safety_model, device=c.device)
+        scorer = load_safety_scorer(c.safety_model, device=c.device, device_map=c.device_map, max_memory=c.max_memory)
     except UserError as exc:
         if c.require_safety:
             raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..config import RunConfig
@@ -54,24 +53,12 @@ def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
 
 def probe_model(c: RunConfig) -> tuple[int, int, int]:
     """(n_layers, d_model, n_post_instruction) from the model's config and tokenizer, without weights."""
-    from transformers import AutoConfig
+    from ..core.model import derive_chat_format, hub_error, load_config, load_tokenizer, model_source
 
-    from ..core.model import derive_chat_format, hub_error, load_tokenizer
-
-    kwargs: dict = {}
-    source = c.model
-    if c.model.endswith(".gguf"):
-        path = Path(c.model)
-        if not path.is_file():
-            raise UserError(f"GGUF file {c.model!r} does not exist; for the demo model run "
-                            "`refusal-direction fetch-model qwen2.5-coder-0.5b-instruct`")
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif c.revision:
-        kwargs["revision"] = c.revision
-    token = os.environ.get("HF_TOKEN")
+    source, kwargs = model_source(c.model, c.revision)
     try:
-        cfg = AutoConfig.from_pretrained(source, token=token, **kwargs)
-        tok = load_tokenizer(source, **kwargs)
+        cfg = load_config(source, **kwargs)  # the same per-process (and, for a GGUF, on-disk) copies the
+        tok = load_tokenizer(source, **kwargs)  # model stage uses: a GGUF is converted once
     except Exception as exc:
         raise hub_error(c.model, exc) from exc
     text = cfg.get_text_config()

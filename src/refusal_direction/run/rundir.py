@@ -80,7 +80,9 @@ class Run:
 
                 c = self.config
                 self._lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=c.revision,
-                                      chat_template=Path(c.chat_template).read_text() if c.chat_template else None)
+                                      chat_template=Path(c.chat_template).read_text() if c.chat_template else None,
+                                      device_map=c.device_map, max_memory=c.max_memory,
+                                      offload_folder=c.offload_folder)
             write_environment(self)
         return self._lm
 
@@ -177,7 +179,8 @@ def write_environment(run: Run) -> None:
     env = {
         "refusal_direction": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
         "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""), "dtype_reason": lm.dtype_reason,
+        "device": str(lm.device), "placement": lm.placement or "one device",
+        "dtype": str(lm.dtype).replace("torch.", ""), "dtype_reason": lm.dtype_reason,
         "cuda_device": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else None,
         "model": lm.model_id, "n_layers": lm.n_layers, "d_model": lm.d_model,
         "chat_format": {"prefix": lm.chat.prefix, "suffix": lm.chat.suffix, "source": lm.chat.source},

@@ -1,0 +1,159 @@
+"""The files around an exported model's weights: the staged output directory, the provenance JSON and the README.
+
+Shared by the in-memory export (`save.export_model`) and the streaming one (`stream.export_streaming`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..core.directions import Direction
+from ..errors import UserError
+from ..fileio import atomic_write_json, atomic_write_text
+from .orthogonalize import EditedWeights
+
+EXPORT_INFO = "refusal_direction_export.json"
+
+
+@contextlib.contextmanager
+def staged_export(out_dir: Path) -> Iterator[Path]:
+    """A fresh ``out_dir.tmp-*`` to write the export into, renamed to ``out_dir`` on success, removed on error."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_model_card(directory: Path, info: dict) -> None:
+    """The README and the provenance JSON of an export."""
+    atomic_write_text(directory / "README.md", _readme(info))
+    atomic_write_json(directory / EXPORT_INFO, info)
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory; choose a new directory name")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / EXPORT_INFO).is_file():
+            raise UserError(f"--out {out_dir} is not empty and is not a previous export; choose a new or empty "
+                            "directory (it is never overwritten, even with --force)")
+        if not force:
+            raise UserError(f"--out {out_dir} already holds an export; pass --force to replace it or choose a "
+                            "new directory")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def provenance(model_id: str, revision: str | None, source_format: str, saved_dtype: str, direction: Direction,
+               edited: EditedWeights, run_info: dict) -> dict:
+    """The export's provenance record (written as EXPORT_INFO and summarized in the README)."""
+    from .. import __version__
+
+    vec = direction.vector.double().cpu().contiguous()
+    return {
+        "tool": "refusal-direction",
+        "tool_version": __version__,
+        "purpose": "safety research and evaluation only; not for deployment or upload",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source_model": model_id,
+        "source_revision": revision,
+        "source_format": source_format,
+        "saved_dtype": saved_dtype,
+        "edit": "directional ablation baked into weights (orthogonalization against r̂)",
+        "direction": {
+            "layer": direction.layer,
+            "position": direction.position,
+            "norm": float(vec.norm()),
+            "d_model": int(vec.shape[-1]),
+            "model_id": direction.model_id,
+            "sha256_float64": direction_digest(direction),
+        },
+        "untied_lm_head": edited.untied,
+        "edited_parameters": list(edited.names),
+        "run": run_info,
+    }
+
+
+def direction_digest(direction: Direction | torch.Tensor) -> str:
+    """sha256 of the direction's float64 bytes (recorded in the export, to match it to a run later)."""
+    vector = direction.vector if isinstance(direction, Direction) else direction
+    return hashlib.sha256(vector.double().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _readme(info: dict) -> str:
+    d = info["direction"]
+    run_dir = info["run"].get("run_dir", "(not recorded)")
+    gguf_note = ("\nThe source was a GGUF file; this export is a standard transformers safetensors directory with "
+                 f"dequantized `{info['saved_dtype']}` weights, not a GGUF file.\n"
+                 if info["source_format"].startswith("gguf") else "")
+    untie_note = ("The source model ties `lm_head` to the token embedding; here `lm_head` is a separate, unedited "
+                  "copy and `tie_word_embeddings` is false, so that the edit matches the hook-based ablation.\n"
+                  if info["untied_lm_head"] else "")
+    return f"""# {info['source_model']} with the refusal direction ablated (research artifact)
+
+**For safety research and evaluation only. Not for deployment, not for upload to any model hub.**
+This model was made by `refusal-direction` {info['tool_version']}, a tool replicating Arditi et al. (2024),
+"Refusal in Language Models Is Mediated by a Single Direction". Its refusal behaviour has been removed
+on purpose so that this effect can be studied; it will comply with harmful requests. Keep it private.
+
+## What was changed
+
+Every matrix that writes to the residual stream (token embedding, each attention output projection, each
+MLP down projection, and their biases) had the refusal direction r̂ projected out
+(W ← W − r̂ r̂ᵀ W). The model is therefore equivalent to running the source model with directional
+ablation of r̂ at every layer and position. Nothing else was changed.
+
+{untie_note}{gguf_note}
+| | |
+|---|---|
+| source model | `{info['source_model']}` (revision: {info['source_revision'] or 'not recorded'}) |
+| direction layer (block input) | {d['layer']} |
+| direction position | {d['position']} (counted from the end of the prompt) |
+| direction norm ‖r‖ | {d['norm']:.6g} |
+| direction sha256 (float64 bytes) | `{d['sha256_float64']}` |
+| source run directory | `{run_dir}` |
+| weights dtype | {info['saved_dtype']} |
+| created (UTC) | {info['created_utc']} |
+
+Machine-readable provenance: `{EXPORT_INFO}`.
+
+## Loading
+
+Plain transformers, no code from refusal-direction needed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
+tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
+```
+
+Check the export against the hooks with `refusal-direction verify-export --run RUN --model-dir DIR`.
+"""
