@@ -17,7 +17,8 @@ import typer
 from .config import DEMO_MODEL, INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
 from .errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: help text is plain, so "[128]"-style defaults are shown, not eaten as markup.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find, remove and add the refusal direction of a chat model (Arditi et al., 2024). "
                        "Edited models are for safety research and evaluation only, never for deployment.")
 
@@ -53,15 +54,26 @@ def fail(exc: UserError) -> None:
     raise typer.Exit(2)
 
 
+INTERRUPTED = "interrupted; completed stages are saved - re-run the same command to resume"
+
+
 def user_errors(fn):
-    """Command decorator: a UserError prints one readable message and exits with status 2."""
+    """Command decorator: a UserError prints one readable message and exits with status 2; Ctrl-C prints how
+    to resume and exits with 130; the run directory's lock is released either way."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .run.outdir import release_all_locks
+
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             fail(exc)
+        except KeyboardInterrupt:
+            typer.echo(INTERRUPTED, err=True)
+            raise typer.Exit(130) from None
+        finally:
+            release_all_locks()
 
     return wrapper
 
@@ -128,9 +140,14 @@ def replicate(
 
 
 def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
+    from .run.outdir import acquire_lock
+    from .run.preflight import check_paths
+
+    check_paths(out, cfg, force)  # before torch is imported: a wrong --out answers at once
+    setup_logging(out, quiet=json_out, verbose=verbose)
+    acquire_lock(out)
     from .run import pipeline
 
-    setup_logging(out, quiet=json_out, verbose=verbose)
     run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
     summary = pipeline.replicate(run, force=force)
     if json_out:
@@ -251,7 +268,7 @@ def export_cmd(
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None)
     direction = run.saved_direction()
-    export_model(run.lm, direction, out, {"source_run": str(run_dir.resolve())}, force=force)
+    export_model(run.lm, direction, out, {"run_dir": str(run_dir.resolve())}, force=force)
     print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
 
 
@@ -334,18 +351,24 @@ def demo(
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
-    n_layers: int | None = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
-    kl_threshold: float = typer.Option(KL_THRESHOLD, help="discard candidates with KL above this"),
-    induce_threshold: float = typer.Option(INDUCE_THRESHOLD, help="discard candidates with induce score below this"),
-    prune_layer_fraction: float = typer.Option(PRUNE_LAYER_FRACTION, help="discard layers >= (1 - this) * n_layers"),
+    n_layers: int | None = typer.Option(None, help="layers of the model [the stored n_layers of our selection.json, "
+                                                   "else largest scored layer + 1]"),
+    kl_threshold: float | None = typer.Option(None, help=f"discard candidates with KL above this [stored, else "
+                                                         f"{KL_THRESHOLD}]"),
+    induce_threshold: float | None = typer.Option(None, help=f"discard candidates with induce score below this "
+                                                             f"[stored, else {INDUCE_THRESHOLD}]"),
+    prune_layer_fraction: float | None = typer.Option(None, help=f"discard layers >= (1 - this) * n_layers [stored, "
+                                                                 f"else {PRUNE_LAYER_FRACTION}]"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""
+    from .run.reselect import stored_selection_args
     from .selection import SelectionThresholds, result_to_json, select_from_scores_file
 
-    t = SelectionThresholds(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-                            prune_layer_fraction=prune_layer_fraction)
-    result = select_from_scores_file(from_scores, n_layers, t)
+    n_layers, given = stored_selection_args(from_scores, n_layers, {
+        "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
+        "prune_layer_fraction": prune_layer_fraction})
+    result = select_from_scores_file(from_scores, n_layers, SelectionThresholds(**given))
     data = result_to_json(result)
     if json_out:
         print(json.dumps(data, indent=2))
@@ -380,7 +403,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        print("interrupted; completed stages are saved - re-run the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, default_cache_dir
+from ..fileio import atomic_write_bytes, default_cache_dir, read_text
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def load_instructions(spec: str, data_dir: Path | None = None) -> list[Instructi
 
 
 def read_instruction_file(path: Path) -> list[Instruction]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "instruction file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _read_csv(path, text)
