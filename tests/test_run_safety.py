@@ -76,7 +76,8 @@ def test_non_finite_config_values_are_refused(tmp_path, model_dir, data_dir, lin
 def test_zero_direction_file_is_refused(tmp_path, model_dir, data_dir):
     from refusal_direction.core.directions import Direction, save_direction
 
-    path = save_direction(Direction(torch.zeros(64, dtype=torch.float64), 1, -2, str(model_dir)), tmp_path / "d.safetensors")
+    zero = Direction(torch.zeros(64, dtype=torch.float64), 1, -2, str(model_dir))
+    path = save_direction(zero, tmp_path / "d.safetensors")
     r = replicate(tmp_path / "run", model_dir, data_dir, "--direction-file", path, "--layer", "1")
     assert r.exit_code == 2 and "zero vector" in r.output, r.output
 

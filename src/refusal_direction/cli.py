@@ -1,7 +1,7 @@
 """Command-line interface: the only module that talks to the terminal.
 
-Heavy imports (torch, transformers) happen inside commands, so ``--help`` is instant. User errors
-print one readable message (no traceback) and exit with status 2.
+Heavy imports (torch, transformers) happen inside commands, so ``--help`` is instant (and plain:
+``rich_markup_mode=None`` keeps "[128]"-style defaults). User errors print one message, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import typer
 from .config import DEMO_MODEL, INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
 from .errors import UserError
 
-# rich_markup_mode=None: help text is plain, so "[128]"-style defaults are shown, not eaten as markup.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find, remove and add the refusal direction of a chat model (Arditi et al., 2024). "
                        "Edited models are for safety research and evaluation only, never for deployment.")
@@ -58,13 +57,11 @@ INTERRUPTED = "interrupted; completed stages are saved - re-run the same command
 
 
 def user_errors(fn):
-    """Command decorator: a UserError prints one readable message and exits with status 2; Ctrl-C prints how
-    to resume and exits with 130; the run directory's lock is released either way."""
+    """Command decorator: UserError -> one message, exit 2; Ctrl-C -> how to resume, exit 130; lock released."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .run.outdir import release_all_locks
-
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -118,7 +115,7 @@ def replicate(
     chat_template: str | None = typer.Option(None, help="Jinja chat template file"),
     direction_file: str | None = typer.Option(None, help="use a saved direction (.safetensors) instead"),
     config: Path | None = CONFIG,
-    force: bool = typer.Option(False, "--force", help="recompute every stage / reuse a foreign --out"),
+    force: bool = typer.Option(False, "--force", help="recompute stages; another config's run: delete only its files"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -130,11 +127,8 @@ def replicate(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
                            select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
                            device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
-                           direction_file=direction_file)
-    if no_safety:
-        overrides["safety"] = False
-    if require_safety:
-        overrides["require_safety"] = True
+                           direction_file=direction_file, safety=False if no_safety else None,
+                           require_safety=True if require_safety else None)
     cfg = build_config(overrides, config)
     run_all(out, cfg, force, json_out, verbose)
 
@@ -147,7 +141,6 @@ def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=N
     setup_logging(out, quiet=json_out, verbose=verbose)
     acquire_lock(out)
     from .run import pipeline
-
     run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
     summary = pipeline.replicate(run, force=force)
     if json_out:
@@ -303,8 +296,7 @@ def verify_export_cmd(
         print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
         print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
               f"{n_prompts} prompts ({result['n_identical']} identical)")
-        print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
-        print("OK" if result["ok"] else "MISMATCH")
+        print(f"max |projection on r|   {result['max_abs_projection']:.3g}\n{'OK' if result['ok'] else 'MISMATCH'}")
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -351,11 +343,9 @@ def demo(
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
-    n_layers: int | None = typer.Option(None, help="layers of the model [the stored n_layers of our selection.json, "
-                                                   "else largest scored layer + 1]"),
-    kl_threshold: float | None = typer.Option(None, help=f"discard candidates with KL above this [stored, else "
-                                                         f"{KL_THRESHOLD}]"),
-    induce_threshold: float | None = typer.Option(None, help=f"discard candidates with induce score below this "
+    n_layers: int | None = typer.Option(None, help="layers of the model [stored, else largest scored layer + 1]"),
+    kl_threshold: float | None = typer.Option(None, help=f"discard KL above this [stored, else {KL_THRESHOLD}]"),
+    induce_threshold: float | None = typer.Option(None, help=f"discard induce below this "
                                                              f"[stored, else {INDUCE_THRESHOLD}]"),
     prune_layer_fraction: float | None = typer.Option(None, help=f"discard layers >= (1 - this) * n_layers [stored, "
                                                                  f"else {PRUNE_LAYER_FRACTION}]"),
@@ -365,9 +355,8 @@ def select(
     from .run.reselect import stored_selection_args
     from .selection import SelectionThresholds, result_to_json, select_from_scores_file
 
-    n_layers, given = stored_selection_args(from_scores, n_layers, {
-        "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
-        "prune_layer_fraction": prune_layer_fraction})
+    n_layers, given = stored_selection_args(from_scores, n_layers, {"kl_threshold": kl_threshold, "induce_threshold":
+                                            induce_threshold, "prune_layer_fraction": prune_layer_fraction})
     result = select_from_scores_file(from_scores, n_layers, SelectionThresholds(**given))
     data = result_to_json(result)
     if json_out:

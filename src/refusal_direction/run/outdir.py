@@ -90,8 +90,9 @@ def check_out_dir(out: Path, config: RunConfig, force: bool) -> None:
         if mismatch is not None and not force:
             raise UserError(mismatch)
         return
+    ours = {"lock", "manifest"}
     others = [p.name for p in sorted(out.iterdir()) if p.name != RUN_LOG
-              and not (p.name == LOCK.parts[0] and p.is_dir() and {q.name for q in p.iterdir()} <= {"lock", "manifest"})]
+              and not (p.name == LOCK.parts[0] and p.is_dir() and {q.name for q in p.iterdir()} <= ours)]
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise UserError(f"output directory {out} exists and is not a run directory (it holds {shown}); its files "
