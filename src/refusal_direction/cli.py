@@ -1,7 +1,7 @@
 """Command-line interface: the only module that talks to the terminal.
 
-Heavy imports (torch, transformers) happen inside commands, so ``--help`` is instant. User errors
-print one readable message (no traceback) and exit with status 2.
+Heavy imports (torch, transformers) happen inside commands, so ``--help`` is instant (and plain:
+``rich_markup_mode=None`` keeps "[128]"-style defaults). User errors print one message, exit status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import typer
 from .config import DEMO_MODEL, INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
 from .errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find, remove and add the refusal direction of a chat model (Arditi et al., 2024). "
                        "Edited models are for safety research and evaluation only, never for deployment.")
 
@@ -53,15 +53,24 @@ def fail(exc: UserError) -> None:
     raise typer.Exit(2)
 
 
+INTERRUPTED = "interrupted; completed stages are saved - re-run the same command to resume"
+
+
 def user_errors(fn):
-    """Command decorator: a UserError prints one readable message and exits with status 2."""
+    """Command decorator: UserError -> one message, exit 2; Ctrl-C -> how to resume, exit 130; lock released."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .run.outdir import release_all_locks
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
             fail(exc)
+        except KeyboardInterrupt:
+            typer.echo(INTERRUPTED, err=True)
+            raise typer.Exit(130) from None
+        finally:
+            release_all_locks()
 
     return wrapper
 
@@ -109,7 +118,7 @@ def replicate(
     chat_template: str | None = typer.Option(None, help="Jinja chat template file"),
     direction_file: str | None = typer.Option(None, help="use a saved direction (.safetensors) instead"),
     config: Path | None = CONFIG,
-    force: bool = typer.Option(False, "--force", help="recompute every stage / reuse a foreign --out"),
+    force: bool = typer.Option(False, "--force", help="recompute stages; another config's run: delete only its files"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -121,19 +130,20 @@ def replicate(
                            max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
                            select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
                            device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
-                           direction_file=direction_file, device_map=device_map, max_memory=max_memory)
-    if no_safety:
-        overrides["safety"] = False
-    if require_safety:
-        overrides["require_safety"] = True
+                           direction_file=direction_file, device_map=device_map, max_memory=max_memory,
+                           safety=False if no_safety else None, require_safety=True if require_safety else None)
     cfg = build_config(overrides, config)
     run_all(out, cfg, force, json_out, verbose)
 
 
 def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
-    from .run import pipeline
+    from .run.outdir import acquire_lock
+    from .run.preflight import check_paths
 
+    check_paths(out, cfg, force)  # before torch is imported: a wrong --out answers at once
     setup_logging(out, quiet=json_out, verbose=verbose)
+    acquire_lock(out)
+    from .run import pipeline
     run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
     summary = pipeline.replicate(run, force=force)
     if json_out:
@@ -259,7 +269,7 @@ def export_cmd(
 
     run = pipeline.open_run(run_dir, _overrides(device=device))
     setup_logging(None)
-    direction, info = run.saved_direction(), {"source_run": str(run_dir.resolve())}
+    direction, info = run.saved_direction(), {"run_dir": str(run_dir.resolve())}
     if streaming or run.config.device_map:
         export_streaming(run.config.model, direction, out, info, force=force, revision=run.config.revision)
     else:
@@ -298,8 +308,7 @@ def verify_export_cmd(
         print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
         print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
               f"{n_prompts} prompts ({result['n_identical']} identical)")
-        print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
-        print("OK" if result["ok"] else "MISMATCH")
+        print(f"max |projection on r|   {result['max_abs_projection']:.3g}\n{'OK' if result['ok'] else 'MISMATCH'}")
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -346,18 +355,21 @@ def demo(
 def select(
     from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
                                                                 "paper's direction_evaluations.json"),
-    n_layers: int | None = typer.Option(None, help="layers of the model [largest scored layer + 1]"),
-    kl_threshold: float = typer.Option(KL_THRESHOLD, help="discard candidates with KL above this"),
-    induce_threshold: float = typer.Option(INDUCE_THRESHOLD, help="discard candidates with induce score below this"),
-    prune_layer_fraction: float = typer.Option(PRUNE_LAYER_FRACTION, help="discard layers >= (1 - this) * n_layers"),
+    n_layers: int | None = typer.Option(None, help="layers of the model [stored, else largest scored layer + 1]"),
+    kl_threshold: float | None = typer.Option(None, help=f"discard KL above this [stored, else {KL_THRESHOLD}]"),
+    induce_threshold: float | None = typer.Option(None, help=f"discard induce below this "
+                                                             f"[stored, else {INDUCE_THRESHOLD}]"),
+    prune_layer_fraction: float | None = typer.Option(None, help=f"discard layers >= (1 - this) * n_layers [stored, "
+                                                                 f"else {PRUNE_LAYER_FRACTION}]"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""
+    from .run.reselect import stored_selection_args
     from .selection import SelectionThresholds, result_to_json, select_from_scores_file
 
-    t = SelectionThresholds(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-                            prune_layer_fraction=prune_layer_fraction)
-    result = select_from_scores_file(from_scores, n_layers, t)
+    n_layers, given = stored_selection_args(from_scores, n_layers, {"kl_threshold": kl_threshold, "induce_threshold":
+                                            induce_threshold, "prune_layer_fraction": prune_layer_fraction})
+    result = select_from_scores_file(from_scores, n_layers, SelectionThresholds(**given))
     data = result_to_json(result)
     if json_out:
         print(json.dumps(data, indent=2))
@@ -392,7 +404,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        print("interrupted; completed stages are saved - re-run the same command to resume", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
 
 

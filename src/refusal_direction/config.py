@@ -11,13 +11,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (declared in pyproject for python<3.11)
+    import tomli as tomllib
 
-from .errors import UserErrors
+from .errors import UserError, UserErrors
+from .fileio import read_text
 
 # Known (layer, position) of published directions: the paper's Table 5.
 KNOWN_DIRECTIONS: dict[str, tuple[int, int]] = {"google/gemma-2b-it": (10, -2)}
@@ -165,10 +171,14 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
             return default
     if kind.startswith("float"):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             problems.append(f"{name}={value!r}: expected a number")
             return default
+        if isinstance(value, bool) or not math.isfinite(number):
+            problems.append(f"{name}={value!r}: expected a finite number (the default is {default!r})")
+            return default
+        return number
     if not isinstance(value, str):
         problems.append(f"{name}={value!r}: expected a string")
         return default
@@ -186,9 +196,11 @@ def build_config(overrides: dict[str, Any] | None = None, toml_path: str | Path 
             problems.append(f"config file {str(path)!r} does not exist")
         else:
             try:
-                values.update(tomllib.loads(path.read_text()))
+                values.update(tomllib.loads(read_text(path, "config file")))
+            except UserError as exc:
+                problems.append(str(exc))
             except tomllib.TOMLDecodeError as exc:
-                problems.append(f"config file {path} is not valid TOML: {exc}")
+                problems.append(f"config file {path} is not valid TOML: {exc}; fix the line named")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     clean: dict[str, Any] = {}
     for key, value in values.items():
@@ -206,6 +218,10 @@ def build_config(overrides: dict[str, Any] | None = None, toml_path: str | Path 
 
 def validate(c: RunConfig) -> list[str]:
     p = []
+    for f in fields(c):  # a RunConfig built directly (not by build_config) is checked too
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            p.append(f"{f.name}={value!r}: expected a finite number (the default is {f.default!r})")
     for name in ("n_train", "n_val", "n_eval", "n_harmless_eval", "max_new_tokens", "batch_size",
                  "safety_batch_size", "refusal_first_n_tokens"):
         if getattr(c, name) < 1:
@@ -246,6 +262,11 @@ def validate(c: RunConfig) -> list[str]:
         p.append(f"prune_layer_fraction={c.prune_layer_fraction} must be in [0, 1)")
     if c.chat_template and not Path(c.chat_template).is_file():
         p.append(f"chat_template file {c.chat_template!r} does not exist")
+    elif c.chat_template:
+        try:
+            check_template_syntax(read_text(c.chat_template, "chat template"), c.chat_template)
+        except UserError as exc:
+            p.append(str(exc))
     return p
 
 
@@ -259,3 +280,14 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     if not layers:
         raise ValueError(spec)
     return [x for x in layers if 0 <= x < n_layers]
+
+
+def check_template_syntax(template: str, path: str) -> None:
+    """A Jinja syntax error in a chat template file, as a `UserError` naming the file and line."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(f"chat template {path}:{exc.lineno}: Jinja syntax error ({exc.message}); fix the template "
+                        "(see the model's tokenizer_config.json 'chat_template' for an example)") from exc

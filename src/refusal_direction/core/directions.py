@@ -7,7 +7,6 @@ never read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json, read_json
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,8 +89,26 @@ def save_candidates(c: CandidateDirections, path: str | Path) -> Path:
 def load_candidates(path: str | Path) -> CandidateDirections:
     path = _check_safetensors_path(path)
     meta = _read_sidecar(path)
-    vectors = load_file(str(path))["candidates"]
-    return CandidateDirections(vectors, list(meta.get("positions", range(-vectors.shape[0], 0))), meta)
+    vectors = _read_tensor(path, "candidates", 3, "[n_positions, n_layers, d_model]")
+    positions = meta.get("positions", list(range(-vectors.shape[0], 0)))
+    if not isinstance(positions, list) or len(positions) != vectors.shape[0] or \
+            not all(isinstance(p, int) and p < 0 for p in positions):
+        raise UserError(f"sidecar {path.with_suffix('.json')}: 'positions' {positions!r} does not match the "
+                        f"{vectors.shape[0]} positions of {path}; delete both files to recompute")
+    check_finite_direction(vectors, f"candidates file {path}")
+    return CandidateDirections(vectors, positions, meta)
+
+
+def check_finite_direction(vector: torch.Tensor, where: str, nonzero: bool = False) -> None:
+    """A direction (or candidates) with NaN/inf entries, or a zero direction, stops the run (exit 2)."""
+    bad = ~torch.isfinite(vector)
+    if bad.any():
+        raise UserError(f"{where} has {int(bad.sum())} non-finite value(s) (NaN or infinity); the activations "
+                        "overflowed or the file is damaged. Re-run extraction (with --dtype float32 on half precision)")
+    if nonzero and float(vector.double().norm()) == 0.0:
+        raise UserError(f"{where} is the zero vector, so it has no direction (harmful and harmless means are "
+                        "identical: a placeholder tokenizer, or identical instruction sets?); check the model's "
+                        "tokenizer and the instruction sets")
 
 
 def save_direction(d: Direction, path: str | Path, meta: dict | None = None) -> Path:
@@ -108,7 +125,11 @@ def load_direction(path: str | Path, model_id: str | None = None, d_model: int |
     """Load a direction; when ``model_id``/``d_model`` are given they must match the file."""
     path = _check_safetensors_path(path)
     meta = _read_sidecar(path)
-    vector = load_file(str(path))["direction"]
+    vector = _read_tensor(path, "direction", 1, "[d_model]")
+    check_finite_direction(vector, f"direction file {path}", nonzero=True)
+    for key in ("layer", "position"):
+        if key in meta and (isinstance(meta[key], bool) or not isinstance(meta[key], int)):
+            raise UserError(f"sidecar {path.with_suffix('.json')}: {key}={meta[key]!r} is not an integer; fix it")
     if d_model is not None and vector.shape[-1] != d_model:
         raise UserError(f"direction file {path} has d_model {vector.shape[-1]} but the model has {d_model}; "
                         "use a direction extracted from this model")
@@ -134,15 +155,31 @@ def _check_safetensors_path(path: str | Path) -> Path:
     return path
 
 
+def _read_tensor(path: Path, key: str, ndim: int, shape: str) -> torch.Tensor:
+    """The tensor ``key`` of a safetensors file, with ``ndim`` dimensions; `UserError` for anything else."""
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:200]}); pass a file "
+                        "written by refusal-direction (save_direction / a run's direction.safetensors)") from exc
+    if key not in tensors:
+        raise UserError(f"{path} has no tensor named {key!r} (found {sorted(tensors)}); pass a file written by "
+                        f"refusal-direction, or re-save yours with the key {key!r}")
+    tensor = tensors[key]
+    if tensor.dim() != ndim or not tensor.is_floating_point():
+        raise UserError(f"{path}: tensor {key!r} has shape {list(tensor.shape)} ({tensor.dtype}); expected a "
+                        f"floating-point {shape} tensor")
+    return tensor
+
+
 def _read_sidecar(path: Path) -> dict:
     side = path.with_suffix(".json")
     if not side.is_file():
         return {}
-    try:
-        return json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"sidecar {side} is not valid JSON ({exc}); delete or fix it") from exc
+    return read_json(side, "sidecar", fix="delete or fix it")
 
 
 __all__ = ["Direction", "CandidateDirections", "diff_in_means", "save_candidates", "load_candidates",
-           "save_direction", "load_direction", "check_position_layer"]
+           "save_direction", "load_direction", "check_position_layer", "check_finite_direction"]

@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .checks import check_tokenizer, has_control_string, hub_error, missing_tokenizer_files, pad_left
+
+__all__ = ["ChatFormat", "BlockSites", "LoadedModel", "load_model", "load_tokenizer", "wrap_model", "hub_error",
+           "derive_chat_format", "resolve_dtype", "resolve_device", "tokenize_prompts", "find_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +107,23 @@ class LoadedModel:
         return self.chat.render(instruction)
 
     def tokenize(self, instructions: list[str]) -> dict[str, torch.Tensor]:
-        """Chat-format and tokenize a batch, left-padded: ``input_ids``, ``attention_mask`` [batch, seq]."""
-        return tokenize_prompts(self.tokenizer, [self.format(x) for x in instructions], self.device)
+        """Chat-format and tokenize a batch, left-padded: ``input_ids``, ``attention_mask`` [batch, seq].
+
+        Special-token strings inside an instruction (``<end_of_turn>``) are tokenized as text (see `encode`)."""
+        if not any(has_control_string(self.tokenizer, x) for x in instructions):
+            return tokenize_prompts(self.tokenizer, [self.format(x) for x in instructions], self.device)
+        return pad_left(self.tokenizer, [self.encode(x) for x in instructions], self.device)
+
+    def encode(self, instruction: str) -> list[int]:
+        """The token ids of one chat prompt. The template's own special tokens are control tokens; the same
+        strings inside the user's instruction are split as plain text (no template injection). Instructions
+        without such strings are tokenized as one string, exactly as before (the paper's token ids)."""
+        if not has_control_string(self.tokenizer, instruction):
+            return list(self.tokenizer(self.format(instruction), add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer
+        return (list(tok(self.chat.prefix, add_special_tokens=False)["input_ids"])
+                + list(tok(instruction, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+                + list(self.post_instruction_ids))
 
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids: the tokenizer's eos plus the model's generation-config eos (what HF
@@ -217,6 +236,8 @@ def load_tokenizer(source: str, **kwargs):
     """AutoTokenizer, cached per process and, for a GGUF file, converted once and kept on disk (`gguf_cache`)."""
     from .gguf_cache import load_tokenizer_cached
 
+    if Path(source).is_dir() and "gguf_file" not in kwargs:
+        missing_tokenizer_files(Path(source))
     return load_tokenizer_cached(source, **kwargs)
 
 
@@ -270,27 +291,6 @@ def placement_note(model: nn.Module) -> str:
     return note(model)
 
 
-def hub_error(model: str, exc: Exception) -> UserError:
-    """Turn a loading exception into a UserError that says what to do."""
-    text = f"{type(exc).__name__}: {exc}"
-    low = text.lower()
-    if "gated" in low or "401" in low or "403" in low or "access to model" in low:
-        return UserError(
-            f"{model} is a gated model and this machine has no access to it. Accept the license on "
-            f"https://huggingface.co/{model}, create a token, and set HF_TOKEN=<token> (or run "
-            "`huggingface-cli login`); or pass a local model directory.\n(underlying error: "
-            f"{text.splitlines()[0][:300]})")
-    if any(s in low for s in ("offline", "couldn't connect", "connection", "cannot find the requested files",
-                              "localentrynotfound", "does not appear to have", "not a valid model identifier",
-                              "is not a local folder", "repository not found", "404")):
-        return UserError(
-            f"could not load model {model!r}: it is neither a local directory/.gguf file nor reachable on "
-            "the Hugging Face Hub (no network, empty cache, or a wrong id). Pass a local model directory "
-            "or .gguf file, or check the id and your network.\n(underlying error: "
-            f"{text.splitlines()[0][:300]})")
-    return UserError(f"could not load model {model!r}: {text[:500]}")
-
-
 def wrap_model(
     hf_model: nn.Module,
     tokenizer,
@@ -304,6 +304,11 @@ def wrap_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     chat = derive_chat_format(tokenizer, getattr(hf_model.config, "model_type", ""), chat_template)
+    embedding = hf_model.get_input_embeddings() if hasattr(hf_model, "get_input_embeddings") else None
+    vocab = getattr(embedding, "num_embeddings", None) or getattr(hf_model.config.get_text_config(), "vocab_size",
+                                                                  None)
+    if vocab:
+        check_tokenizer(tokenizer, int(vocab), model_id)
     post_ids = tokenizer(chat.suffix, add_special_tokens=False)["input_ids"]
     if not post_ids:
         raise UserError(f"the chat template of {model_id} puts no tokens after the instruction; "
@@ -327,8 +332,15 @@ def derive_chat_format(tokenizer, model_type: str = "", chat_template: str | Non
         raise UserError(
             "the tokenizer has no chat template, so the prompt format cannot be derived; pass "
             "--chat-template FILE.jinja (a Jinja chat template) or use an instruct/chat model")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], chat_template=template,
-                                         tokenize=False, add_generation_prompt=True)
+    import jinja2
+
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        where = "the --chat-template file" if chat_template else "the tokenizer's chat template"
+        raise UserError(f"{where} cannot render a single user message ({type(exc).__name__}: {exc}); fix it or "
+                        "pass --chat-template with a standard single-turn template") from exc
     if text.count(_SENTINEL) != 1:
         raise UserError("the chat template does not place the user message exactly once; "
                         "pass --chat-template with a standard single-turn template")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, default_cache_dir
+from ..fileio import atomic_write_bytes, default_cache_dir, read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def load_instructions(spec: str, data_dir: Path | None = None) -> list[Instructi
 
 
 def read_instruction_file(path: Path) -> list[Instruction]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "instruction file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _read_csv(path, text)
@@ -169,12 +169,7 @@ def read_instruction_file(path: Path) -> list[Instruction]:
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{path}:{lineno}: invalid JSON line ({exc.msg})") from exc
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of strings or of records, got {type(data).__name__}")
+        data = read_json(path, "instruction file", expect=list, fix="use a JSON list of strings or of records")
         rows = [(n + 1, x) for n, x in enumerate(data)]
     out = [_to_instruction(path, where, row) for where, row in rows]
     if not out:

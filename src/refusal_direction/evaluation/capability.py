@@ -79,7 +79,7 @@ def completion_nll(
     """Per example: (sum of −log p over the completion tokens, number of completion tokens)."""
     rows, n_prompt = [], []
     for instruction, completion in zip(instructions, completions, strict=True):
-        prompt = list(lm.tokenizer(lm.format(instruction), add_special_tokens=False)["input_ids"])
+        prompt = lm.encode(instruction)  # special-token strings in the instruction stay text
         rows.append(prompt + completion_token_ids(lm, completion))
         n_prompt.append(len(prompt))
     width = max(len(r) for r in rows)

@@ -6,7 +6,14 @@ import logging
 import time
 
 from ..config import parse_layers
-from ..core.directions import CandidateDirections, Direction, check_position_layer, load_direction, save_direction
+from ..core.directions import (
+    CandidateDirections,
+    Direction,
+    check_finite_direction,
+    check_position_layer,
+    load_direction,
+    save_direction,
+)
 from ..data.instructions import Samples
 from ..fileio import atomic_write_json
 from .rundir import Run
@@ -27,6 +34,7 @@ def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections 
         position, layer = select_direction(run, samples, candidates)
     check_position_layer(position, layer, candidates.positions, candidates.n_layers, run.config.model)
     direction = candidates.get(position, layer)
+    check_finite_direction(direction.vector, f"the direction at layer {layer}, position {position}", nonzero=True)
     save_direction(direction, run.direction_path, {"selected_by": mode, "source_run": str(run.out)})
     log.info("direction: layer %d, position %d (%s), norm %.3f", layer, position, mode, float(direction.vector.norm()))
     return direction

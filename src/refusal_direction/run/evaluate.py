@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import socket
 import time
+from pathlib import Path
 
 from ..core.directions import Direction
 from ..data.instructions import Samples
 from ..errors import UserError
-from ..fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
+from ..fileio import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from .generate import condition_intervention, load_completions
 from .rundir import Run
 
@@ -20,7 +22,7 @@ def stage_safety(run: Run, force: bool = False) -> dict:
     """Add Llama Guard 2 verdicts to every completion file; returns the safety status."""
     status_path = run.out / "safety_status.json"
     if status_path.is_file() and not force:
-        return json.loads(status_path.read_text())
+        return read_json(status_path, "run file")
     c = run.config
     if not c.safety:
         status = {"computed": False, "reason": "disabled (--no-safety)"}
@@ -30,12 +32,15 @@ def stage_safety(run: Run, force: bool = False) -> dict:
     from ..evaluation.safety import load_safety_scorer
 
     try:
+        unreachable = hub_unreachable(c.safety_model)
+        if unreachable:
+            raise UserError(unreachable)
         scorer = load_safety_scorer(c.safety_model, device=c.device, device_map=c.device_map, max_memory=c.max_memory)
     except UserError as exc:
         if c.require_safety:
             raise
         log.warning("safety score not computed: %s", exc)
-        status = {"computed": False, "reason": str(exc).splitlines()[0]}
+        status = {"computed": False, "reason": one_line(str(exc))}
         atomic_write_json(status_path, status)
         return status
     t0 = time.perf_counter()
@@ -57,10 +62,40 @@ def stage_safety(run: Run, force: bool = False) -> dict:
     return status
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """The first line of a message, at most ``limit`` characters (it is shown in every row of a table)."""
+    first = (text.strip().splitlines() or [""])[0]
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+def hub_unreachable(model: str) -> str | None:
+    """Why a Hub model cannot be loaded here, found without hub retries (offline, not cached), or None."""
+    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return None
+    except Exception:  # noqa: BLE001 (a malformed id: let the loader say what is wrong)
+        return None
+    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE",
+                                                                                    "TRANSFORMERS_OFFLINE"))
+    if not offline:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            return None
+        except OSError:
+            pass
+    why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co is unreachable"
+    return (f"safety model {model} is not in the local Hugging Face cache and {why}; pass a local directory with "
+            "--safety-model, or --no-safety")
+
+
 def stage_capability(run: Run, samples: Samples, direction: Direction, force: bool = False) -> dict:
     path = run.out / "capability.json"
     if path.is_file() and not force:
-        return json.loads(path.read_text())
+        return read_json(path, "run file")
     c = run.config
     if not c.capability:
         return {}

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from pathlib import Path
 
-from ..core.directions import CandidateDirections, diff_in_means, load_candidates, save_candidates
+from ..core.directions import (
+    CandidateDirections,
+    check_finite_direction,
+    diff_in_means,
+    load_candidates,
+    save_candidates,
+)
 from ..data.instructions import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
-from ..fileio import atomic_write_json
+from ..errors import UserError
+from ..fileio import atomic_write_json, read_json
 from .rundir import Run
 
 log = logging.getLogger(__name__)
@@ -17,10 +24,7 @@ log = logging.getLogger(__name__)
 def stage_samples(run: Run) -> Samples:
     path = run.samples_dir / "samples.json"
     if path.is_file():
-        data = json.loads(path.read_text())
-        sets = {k: [Instruction(r["instruction"], r.get("category"), r.get("id", "")) for r in v]
-                for k, v in data["sets"].items()}
-        return Samples(**sets, dropped_duplicates=data.get("dropped_duplicates", []))
+        return read_samples(path)
     c = run.config
     data_dir = resolve_data_dir(c.data_dir)
     samples = sample_sets(data_dir, c.harmful_train, c.harmless_train, c.eval, c.n_train, c.n_val, c.n_eval,
@@ -32,6 +36,24 @@ def stage_samples(run: Run) -> Samples:
                              "data_dir": str(data_dir)})
     log.info("samples: %s", {k: len(v) for k, v in sets.items()})
     return samples
+
+
+SAMPLE_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "eval", "harmless_eval")
+
+
+def read_samples(path: Path) -> Samples:
+    """A run's samples.json; `UserError` naming the file for anything malformed."""
+    fix = "delete it (and the run's later results) to resample, or restore it"
+    data = read_json(path, "run file", fix=fix)
+    sets = data.get("sets")
+    try:
+        if not isinstance(sets, dict) or set(sets) != set(SAMPLE_SETS):
+            raise TypeError(f"'sets' must hold {', '.join(SAMPLE_SETS)}")
+        parsed = {k: [Instruction(str(r["instruction"]), r.get("category"), str(r.get("id", ""))) for r in v]
+                  for k, v in sets.items()}
+        return Samples(**parsed, dropped_duplicates=list(data.get("dropped_duplicates", [])))
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"run file {path}: malformed samples ({exc}); {fix}") from exc
 
 
 def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:
@@ -61,5 +83,6 @@ def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateD
     save_candidates(CandidateDirections(harmless, list(range(-harmful.shape[0], 0)),
                                         {**meta, "what": "mean_harmless"}), d / "mean_harmless.safetensors")
     candidates = diff_in_means(harmful, harmless, meta)
+    check_finite_direction(candidates.vectors, "the difference-in-means candidates")
     save_candidates(candidates, run.candidates_path)
     return candidates

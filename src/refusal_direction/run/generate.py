@@ -8,8 +8,9 @@ import time
 from ..core.directions import Direction
 from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
 from ..data.instructions import Instruction, Samples
+from ..errors import UserError
 from ..evaluation.refusal import is_refusal
-from ..fileio import atomic_write_jsonl, read_jsonl
+from ..fileio import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from .rundir import CONDITION_FILES, Run
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
 
     c = run.config
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    per_condition = choose_backend(run.lm, c.generation_backend) == "hf"  # the fast path runs them together
+    backend = choose_backend(run.lm, c.generation_backend)
+    check_backend(run, backend, force)
+    per_condition = backend == "hf"  # the fast path runs them together
     for dataset_key in ("eval", "harmless_eval"):
         todo = [cond for cond in c.conditions if CONDITION_FILES[cond][0] == dataset_key
-                and (force or not run.completions_path(cond).is_file())]
+                and (force or completions_problem(run, cond, getattr(samples, dataset_key), redo=True))]
         if not todo:
             continue
         items: list[Instruction] = getattr(samples, dataset_key)
@@ -68,6 +71,56 @@ def write_completions(run: Run, condition: str, items: list[Instruction], gens) 
              sum(r["refusal"] for r in records) / max(1, len(records)), len(records))
 
 
+def check_backend(run: Run, backend: str, force: bool) -> None:
+    """Completions of one run come from one generation backend; record it, refuse a switch on resume."""
+    path = run.out / "environment.json"
+    env = read_json(path, "run file") if path.is_file() else {}
+    old = env.get("generation_backend")
+    done = any(run.completions_path(cond).is_file() for cond in run.config.conditions)
+    if old and old != backend and done and not force:
+        raise UserError(f"run directory {run.out} generated its completions with the {old!r} backend; resuming "
+                        f"with {backend!r} would mix them. Resume with --generation-backend {old} (in a --config "
+                        "file), or pass --force to regenerate")
+    if path.is_file() and old != backend:
+        atomic_write_json(path, {**env, "generation_backend": backend})
+
+
+RECORD_KEYS = ("instruction", "completion", "refusal", "refusal_first_n", "n_tokens", "stopped")
+
+
+def completions_problem(run: Run, condition: str, items: list[Instruction], redo: bool = False) -> str | None:
+    """Why ``condition``'s completion file cannot be reused for ``items`` (missing, row count, order), or None.
+
+    With ``redo`` a damaged file is reported in the log as being redone."""
+    path = run.completions_path(condition)
+    if not path.is_file():
+        return "missing"
+    try:
+        records = read_jsonl(path, "completions file")
+    except UserError as exc:
+        problem = str(exc)
+    else:
+        problem = None
+        if len(records) != len(items):
+            problem = f"{path} has {len(records)} rows but the run has {len(items)} samples"
+        elif any(r.get("instruction") != i.text for r, i in zip(records, items)):
+            problem = f"{path} holds completions of other instructions than the run's samples"
+        elif any(k not in r for r in records for k in RECORD_KEYS):
+            problem = f"{path} has records without the fields {', '.join(RECORD_KEYS)}"
+    if problem and redo:
+        log.warning("redoing %s: %s", condition, problem)
+    return problem
+
+
 def load_completions(run: Run) -> dict[str, list[dict]]:
-    return {cond: read_jsonl(run.completions_path(cond)) for cond in run.config.conditions
+    return {cond: read_jsonl(run.completions_path(cond), "completions file") for cond in run.config.conditions
             if run.completions_path(cond).is_file()}
+
+
+def check_completions(run: Run, samples: Samples) -> None:
+    """Every completion file matches the run's samples (else scores would pair unrelated rows)."""
+    for cond in run.config.conditions:
+        problem = completions_problem(run, cond, getattr(samples, CONDITION_FILES[cond][0]))
+        if problem and problem != "missing":
+            raise UserError(f"{problem}; re-run `refusal-direction generate {run.out} --force` (or the same "
+                            "replicate command) to regenerate it")

@@ -11,18 +11,17 @@ Run directory layout: see the README ("Run directory"). This module keeps the en
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import RunConfig
 from ..core.directions import load_candidates
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, read_json, record_in_manifest
 from .direction import select_direction, stage_direction
 from .evaluate import stage_capability, stage_safety
 from .extract import stage_extract, stage_samples
-from .generate import condition_intervention, load_completions, stage_generate, write_completions
-from .preflight import preflight, probe_model
+from .generate import check_completions, condition_intervention, load_completions, stage_generate, write_completions
+from .preflight import check_paths, preflight, probe_model
 from .rundir import (
     CONDITION_FILES,
     Run,
@@ -47,6 +46,7 @@ __all__ = [
 def start_run(out: str | Path, config: RunConfig, force: bool = False, progress: bool = False,
               loader=None) -> Run:
     """Preflight (skipped when a test injects a ``loader``), then create or reopen ``out`` for ``config``."""
+    check_paths(Path(out), config, force)
     if loader is None:
         preflight(Path(out), config, force)
     return prepare_run(out, config, force=force, progress=progress, loader=loader)
@@ -65,9 +65,10 @@ def run_stage(run: Run, name: str, force: bool = False) -> None:
 
 
 def stage_score(run: Run, force: bool = False) -> dict:
+    check_completions(run, stage_samples(run))
     safety_status = stage_safety(run, force)
     cap_path = run.out / "capability.json"
-    capability = json.loads(cap_path.read_text()) if cap_path.is_file() else {}
+    capability = read_json(cap_path, "run file") if cap_path.is_file() else {}
     summary = build_summary(run, safety_status, capability)
     atomic_write_json(run.summary_path, summary)
     return summary
@@ -78,16 +79,28 @@ def stage_report(run: Run) -> dict:
 
     if not run.summary_path.is_file():
         raise UserError(f"{run.out} has no summary.json yet; run `refusal-direction score {run.out}` first")
-    summary = Summary.load(run.summary_path)
-    selection = json.loads((run.out / "selection.json").read_text()) if (run.out / "selection.json").is_file() \
+    check_completions(run, stage_samples(run))
+    summary = Summary.from_json(read_json(run.summary_path, "run file"), source=str(run.summary_path))
+    selection = read_json(run.out / "selection.json", "run file") if (run.out / "selection.json").is_file() \
         else None
     tensors = {}
     for name in ("candidates", "mean_harmful", "mean_harmless"):
         p = run.out / "directions" / f"{name}.safetensors"
         tensors[name] = load_candidates(p).vectors if p.is_file() else None
-    return build_report(summary, load_completions(run), run.out, selection=selection,
-                        candidates=tensors["candidates"], mean_harmful=tensors["mean_harmful"],
-                        mean_harmless=tensors["mean_harmless"])
+    paths = build_report(summary, load_completions(run), run.out, selection=selection,
+                         candidates=tensors["candidates"], mean_harmful=tensors["mean_harmful"],
+                         mean_harmless=tensors["mean_harmless"])
+    record_figures(run)
+    return paths
+
+
+def record_figures(run: Run) -> None:
+    """Figures are written by matplotlib, not fileio: list them in the manifest (only ours: *.png we name)."""
+    for p in (run.out / "figures").glob("*.png") if (run.out / "figures").is_dir() else ():
+        record_in_manifest(run.out, p)
+    for name in ("report.md", "report.html"):
+        if (run.out / name).is_file():
+            record_in_manifest(run.out, run.out / name)
 
 
 def replicate(run: Run, force: bool = False) -> dict:

@@ -1,14 +1,49 @@
-"""Preflight: every problem that can be found before hours of compute, reported all at once."""
+"""Preflight: every problem that can be found before hours of compute, reported all at once.
+
+`check_paths` runs first and imports nothing heavy (output directory, lock-free checks of the paths the
+config names), so a wrong ``--out`` or a missing file answers in well under a second; `preflight` then
+reads the data and the model's config and tokenizer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..config import RunConfig
-from ..core.directions import load_direction
-from ..data.instructions import resolve_data_dir, sample_sets
+from ..data.instructions import NAMED_SETS, resolve_data_dir, sample_sets
 from ..errors import UserError, UserErrors
-from .rundir import config_mismatch
+from .outdir import check_out_dir, config_mismatch
+
+
+def looks_local(model: str) -> bool:
+    """A model spec that can only be a local path (a Hub id is ``name`` or ``owner/name``)."""
+    return model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def check_paths(out: Path, config: RunConfig, force: bool = False) -> None:
+    """The cheap checks, before torch is imported: output directory, model path, direction file, data dir."""
+    problems: list[str] = []
+    try:
+        check_out_dir(Path(out), config, force)
+    except UserError as exc:
+        problems.append(str(exc))
+    c = config
+    if looks_local(c.model) and not Path(c.model).expanduser().exists():
+        problems.append(f"could not load model {c.model!r}: it looks like a local path but does not exist; pass an "
+                        "existing local model directory or .gguf file, or a Hub id like google/gemma-2b-it")
+    for key in ("harmful_train", "harmless_train", "eval", "harmful_val", "harmless_val", "harmless_eval"):
+        spec = getattr(c, key)
+        if spec not in NAMED_SETS and not Path(spec).expanduser().is_file():
+            problems.append(f"{key}: instruction set {spec!r} is neither a named set ({', '.join(NAMED_SETS)}) nor "
+                            "an existing file")
+    if c.direction_file and not Path(c.direction_file).is_file():
+        problems.append(f"direction file {c.direction_file!r} does not exist; pass a .safetensors file written by "
+                        "refusal-direction (with its .json sidecar)")
+    if c.data_dir and not Path(c.data_dir).expanduser().is_dir():
+        problems.append(f"data directory {c.data_dir!r} does not exist; point --data-dir at a folder laid out like "
+                        "datasets/ (refusal_direction/splits/*.json, jailbreakbench/behaviors.csv)")
+    if problems:
+        raise UserErrors(problems)
 
 
 def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
@@ -43,6 +78,8 @@ def preflight(out: Path, config: RunConfig, force: bool = False) -> None:
             problems.append(f"position={position} is out of range for {c.model} ({n_post} post-instruction "
                             f"tokens: -{n_post}..-1)")
         if c.direction_file:
+            from ..core.directions import load_direction
+
             check(lambda: load_direction(c.direction_file, model_id=c.model, d_model=d_model))
     mismatch = None if force else config_mismatch(out, config)
     if mismatch is not None:

@@ -6,10 +6,8 @@ loads the model lazily, once, and records the environment the first time it does
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +18,11 @@ import torch
 from .. import __version__
 from ..config import RunConfig, build_config
 from ..errors import UserError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, read_json
+from .outdir import RUN_LOG, acquire_lock, check_out_dir, clear_outputs, config_mismatch, read_saved_config
 
-RUN_LOG = "run.log"
+__all__ = ["RUN_LOG", "CONDITION_FILES", "Run", "clear_outputs", "config_mismatch", "prepare_run", "open_run",
+           "log_to_run_dir", "write_environment"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # condition -> (dataset key, intervention name in file names)
@@ -79,6 +79,7 @@ class Run:
                 from ..core.model import load_model
 
                 c = self.config
+                check_numerics(self.out, c.device, c.dtype)
                 self._lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=c.revision,
                                       chat_template=Path(c.chat_template).read_text() if c.chat_template else None,
                                       device_map=c.device_map, max_memory=c.max_memory,
@@ -93,7 +94,7 @@ class Run:
 
     def timing(self, key: str, seconds: float) -> None:
         path = self.out / "timings.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = read_json(path, "run file") if path.is_file() else {}
         data[key] = round(seconds, 3)
         atomic_write_json(path, data)
 
@@ -107,34 +108,17 @@ class Run:
         return load_direction(self.direction_path, model_id=self.config.model)
 
 
-def config_mismatch(out: Path, config: RunConfig) -> str | None:
-    """Why ``out`` cannot hold a run of ``config`` (it belongs to another configuration), or None."""
-    cfg_path = Path(out) / "config.json"
-    if not cfg_path.is_file():
-        return None
-    saved = json.loads(cfg_path.read_text())
-    if saved.get("fingerprint") == config.fingerprint():
-        return None
-    old = saved.get("config", {})
-    diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
-    return (f"output directory {out} belongs to a run with a different configuration (differs in: "
-            f"{', '.join(diff) or 'version'}); use another --out, or --force to discard its results")
-
-
 def prepare_run(out: str | Path, config: RunConfig, force: bool = False, progress: bool = False,
                 loader=None) -> Run:
-    """Create or reopen ``out`` for ``config``; refuse a directory that belongs to another config."""
+    """Lock, create or reopen ``out`` for ``config``; refuse a directory that is not ours or (without
+    ``force``) belongs to another config. ``force`` on another config's run deletes only our files."""
     out = Path(out)
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        mismatch = config_mismatch(out, config)
-        if mismatch is not None:
-            if not force:
-                raise UserError(mismatch)
-            clear_outputs(out)
-    elif out.exists() and any(p.name != RUN_LOG for p in out.iterdir()) and not force:
-        raise UserError(f"output directory {out} exists and is not a run directory; use another --out or --force")
+    check_out_dir(out, config, force)
     out.mkdir(parents=True, exist_ok=True)
+    acquire_lock(out)
+    cfg_path = out / "config.json"
+    if cfg_path.is_file() and config_mismatch(out, config) is not None:
+        clear_outputs(out)  # force: check_out_dir raised otherwise
     atomic_write_json(cfg_path, {"fingerprint": config.fingerprint(), "config": config.to_dict(),
                                  "refusal_direction_version": __version__})
     return Run(out, config, progress, loader)
@@ -147,20 +131,27 @@ def open_run(out: str | Path, overrides: dict | None = None, progress: bool = Fa
     if not cfg_path.is_file():
         raise UserError(f"{out} is not a run directory (no config.json); create one with "
                         "`refusal-direction replicate --out DIR`")
-    saved = json.loads(cfg_path.read_text())["config"]
+    saved = read_saved_config(out)["config"]
     config = build_config(overrides or {}, base=saved)
+    acquire_lock(out)
     return Run(out, config, progress, loader)
 
 
-def clear_outputs(out: Path) -> None:
-    """Delete every result in ``out`` (run.log is kept: it records the whole history of the directory)."""
-    for child in out.iterdir():
-        if child.name == RUN_LOG:
-            continue
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+def check_numerics(out: Path, device: str, dtype: str) -> None:
+    """Refuse to resume a run on another device type or dtype than it began with (mixed numerics)."""
+    env_path = out / "environment.json"
+    if not env_path.is_file():
+        return
+    from ..core.model import resolve_device, resolve_dtype
+
+    env = read_json(env_path, "run file")
+    resolved = resolve_device(device)
+    new_dtype = str(resolve_dtype(dtype, resolved)[0]).replace("torch.", "")
+    old_device, old_dtype = str(env.get("device", "")), env.get("dtype")
+    if old_device.split(":")[0] != resolved.split(":")[0] or (old_dtype and old_dtype != new_dtype):
+        raise UserError(f"run directory {out} was begun on {old_device} in {old_dtype}; resuming on {resolved} in "
+                        f"{new_dtype} would mix numerics in one summary. Resume with --device "
+                        f"{old_device.split(':')[0]} --dtype {old_dtype}, or start a new run with another --out")
 
 
 def log_to_run_dir(out: Path, logger: logging.Logger) -> logging.Handler:
@@ -186,7 +177,11 @@ def write_environment(run: Run) -> None:
         "chat_format": {"prefix": lm.chat.prefix, "suffix": lm.chat.suffix, "source": lm.chat.source},
         "post_instruction_tokens": lm.post_instruction_tokens(),
     }
-    atomic_write_json(run.out / "environment.json", env)
+    path = run.out / "environment.json"
+    old = read_json(path, "run file") if path.is_file() else {}
+    if old.get("generation_backend"):  # recorded by the generate stage; kept across model loads
+        env["generation_backend"] = old["generation_backend"]
+    atomic_write_json(path, env)
 
 
 def _git_commit() -> str | None:
