@@ -13,6 +13,7 @@ Every import counts, including the ones inside functions (they are dependencies 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("accel",), (
           ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400
+MIN_FILES = 30  # fewer: the checker is looking at the wrong folder
 MAX_STATEMENTS = 60
 
 
@@ -49,12 +51,10 @@ def imported_modules(path: Path) -> set[str]:
                 target = node.module
             else:
                 continue
-            out.add(target)
-            # `from pkg import submodule` imports the submodule
+            # `from pkg import submodule` imports the submodule; `from pkg import name` the package itself
             for alias in node.names:
                 candidate = f"{target}.{alias.name}"
-                if _exists(candidate):
-                    out.add(candidate)
+                out.add(candidate if _exists(candidate) else target)
     return out
 
 
@@ -69,7 +69,9 @@ def unit_of(dotted: str) -> str | None:
 
 
 def source_files() -> list[Path]:
-    return sorted(PACKAGE.rglob("*.py"))
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert (PACKAGE / "__init__.py").is_file() and len(files) >= MIN_FILES, f"the package is not where expected: {PACKAGE}"
+    return files
 
 
 def graph() -> dict[str, set[str]]:
@@ -145,9 +147,9 @@ def test_the_checker_sees_upward_and_lazy_imports(tmp_path, monkeypatch):
     (pkg / "run" / "__init__.py").write_text("")
     (pkg / "run" / "pipeline.py").write_text("")
     (pkg / "core" / "model.py").write_text("def f():\n    from ..run import pipeline\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg)
-    assert imported_modules(pkg / "core" / "model.py") == {"refusal_direction.run",
-                                                           "refusal_direction.run.pipeline"}
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "MIN_FILES", 1)
+    assert imported_modules(pkg / "core" / "model.py") == {"refusal_direction.run.pipeline"}
     with pytest.raises(AssertionError, match="core.model imports refusal_direction.run"):
         test_imports_only_go_down()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,8 +262,6 @@ def dispatch_kwargs(device_map: str | dict | None, max_memory: str | dict | None
     if max_memory is not None:
         out["max_memory"] = parse_max_memory(max_memory)
     if offload_folder is None:
-        import tempfile
-
         offload_folder = tempfile.mkdtemp(prefix="refusal-direction-offload-")
     out["offload_folder"] = offload_folder
     return out

