@@ -70,7 +70,7 @@ def unit_of(dotted: str) -> str | None:
 
 def source_files() -> list[Path]:
     files = sorted(PACKAGE.rglob("*.py"))
-    assert (PACKAGE / "__init__.py").is_file() and len(files) >= MIN_FILES, f"the package is not where expected: {PACKAGE}"
+    assert (PACKAGE / "__init__.py").is_file() and len(files) >= MIN_FILES, f"the package is not at {PACKAGE}"
     return files
 
 
