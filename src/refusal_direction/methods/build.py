@@ -58,7 +58,7 @@ def refusal_subspace(candidates: CandidateDirections, direction: Direction, vari
         raise UserError(f"subspace rule needs 0 < variance <= 1 and k_max >= 1 (got {variance}, {k_max})")
     cutoff = max(1, int(candidates.n_layers * (1 - prune_layer_fraction)))
     rows = candidates.vectors[:, :cutoff].reshape(-1, candidates.d_model).double()  # [n_pos * cutoff, d]
-    rows = rows[rows.norm(dim=-1) > 0]
+    rows = rows[rows.norm(dim=-1) > 1e-6 * rows.norm(dim=-1).max()]  # drop empty candidates (same token)
     rows = rows / rows.norm(dim=-1, keepdim=True)
     _, s, vh = torch.linalg.svd(rows, full_matrices=False)
     share = torch.cumsum(s ** 2, 0) / (s ** 2).sum()  # [rank]

@@ -75,6 +75,8 @@ def cosmic_select(
     for pos in candidates.positions:
         for layer in range(cutoff):
             d = candidates.get(pos, layer)
+            if float(d.vector.norm()) <= 1e-6 * float(candidates.vectors.norm(dim=-1).max()):
+                continue  # the same token in both sets (e.g. layer 0 at a template position): no direction
             with apply_intervention(lm, DirectionalAblation(d.vector)):
                 ablated = mean_resid_pre(lm, harmful_val, batch_size, n_pos, desc="cosmic harmful")
             with apply_intervention(lm, ActivationAddition(d.vector, layer)):
