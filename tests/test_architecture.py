@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "refusal_direction"
-LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("methods",), ("accel",), ("generation",), ("evaluation",),
-          ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
+LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("methods",), ("accel",), ("generation",),
+          ("evaluation",), ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400
 MAX_STATEMENTS = 60

@@ -12,8 +12,17 @@ from tiny import save_tiny_gemma
 
 from refusal_direction.report.compare import compare_table, dominates_reference
 
-ARGS = ["--n-train", "6", "--n-val", "3", "--n-eval", "4", "--n-harmless-eval", "3", "--n-xstest", "3",
-        "--max-new-tokens", "4", "--batch-size", "8", "--layer", "1", "--position", "-2", "--device", "cpu"]
+SETTINGS = """n_train = 6
+n_val = 3
+n_eval = 4
+n_harmless_eval = 3
+max_new_tokens = 4
+batch_size = 8
+layer = 1
+position = -2
+device = "cpu"
+data_dir = "{data}"
+"""
 
 
 def cli(*args):
@@ -28,7 +37,9 @@ def cli(*args):
 def compared(tmp_path_factory, data_dir):
     model = save_tiny_gemma(tmp_path_factory.mktemp("tiny") / "tiny-gemma")
     out = tmp_path_factory.mktemp("cmp") / "run"
-    cli("compare", "--model", model, "--out", out, "--data-dir", data_dir, *ARGS)
+    toml = out.parent / "settings.toml"
+    toml.write_text(SETTINGS.format(data=data_dir))
+    cli("compare", "--model", model, "--out", out, "--config", toml, "--n-xstest", "3")
     return model, out
 
 
@@ -55,7 +66,8 @@ def test_compare_resumes_and_runs_only_missing_methods(compared, data_dir):
     gone = out / "compare" / "methods" / "subspace.json"
     before = kept.stat().st_mtime_ns
     gone.unlink()
-    cli("compare", "--model", model, "--out", out, "--data-dir", data_dir, "--methods", "dim,ace,subspace", *ARGS)
+    cli("compare", "--model", model, "--out", out, "--config", out.parent / "settings.toml", "--n-xstest", "3",
+        "--methods", "dim,ace,subspace")
     assert kept.stat().st_mtime_ns == before and gone.is_file()
     names = [r["method"] for r in json.loads((out / "compare" / "table.json").read_text())["rows"]]
     assert names == ["dim", "ace", "subspace"]

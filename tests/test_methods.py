@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
 
-from refusal_direction.core.directions import CandidateDirections, Direction
+from refusal_direction.core.directions import CandidateDirections
 from refusal_direction.core.interventions import Baseline, DirectionalAblation, apply_intervention
 from refusal_direction.core.model import wrap_model
 from refusal_direction.core.padding import position_ids

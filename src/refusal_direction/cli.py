@@ -380,46 +380,12 @@ def bench(
 
 @app.command()
 @user_errors
-def compare(
-    out: Path = OUT,
-    model: str | None = typer.Option(None, help="HF Hub id, local directory or .gguf file [google/gemma-2b-it]"),
-    methods: str | None = typer.Option(None, help="comma-separated, from baseline,dim,projected,norm_preserving,"
-                                                  "layer_kernel,subspace,ace,cosmic [all]"),
-    data_dir: str | None = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
-    n_eval: int | None = typer.Option(None, help="harmful evaluation instructions [100]"),
-    n_harmless_eval: int | None = typer.Option(None, help="harmless prompts for KL and CE [100]"),
-    n_xstest: int = typer.Option(250, help="XSTest safe prompts for over-refusal (0: skip) [250]"),
-    n_train: int | None = typer.Option(None, help="training instructions per set [128]"),
-    n_val: int | None = typer.Option(None, help="validation instructions per set [32]"),
-    max_new_tokens: int | None = typer.Option(None, help="greedy tokens per completion [512]"),
-    batch_size: int | None = typer.Option(None, help="prompts per batch [32]"),
-    layer: int | None = typer.Option(None, help="direction layer (else the run's selection)"),
-    position: int | None = typer.Option(None, help="direction position, negative"),
-    select: str | None = typer.Option(None, help="fixed | auto | default [default]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]"),
-    dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]"),
-    config: Path | None = CONFIG,
-    force: bool = typer.Option(False, "--force", help="recompute every method / reuse a foreign --out"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-) -> None:
-    """Every method (DiM, projected, norm-preserving, layer kernel, subspace, ACE, COSMIC) on one model:
-    one table with intervals and paired tests, a Pareto plot of refusal vs KL, examples (in OUT/compare)."""
-    from .config import build_config
-    from .run import pipeline
-    from .run.compare import stage_compare
-
-    overrides = _overrides(model=model, data_dir=data_dir, n_eval=n_eval, n_harmless_eval=n_harmless_eval,
-                           n_train=n_train, n_val=n_val, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           layer=layer, position=position, select=select, device=device, dtype=dtype)
-    cfg = build_config({**overrides, "safety": False}, config)
-    setup_logging(out, verbose=verbose)
-    run = pipeline.start_run(out, cfg, force=force, progress=True)
-    result = stage_compare(run, methods, n_xstest=n_xstest, force=force)
-    from .report.compare import table_markdown
-
-    print(table_markdown(result["rows"]))
-    print(f"dominate DiM (lower refusal and KL): {', '.join(result['dominates_dim']) or 'none'}")
-    print(f"report: {out / 'compare' / 'report.md'}")
+def compare(out: Path = OUT, model: str | None = typer.Option(None, help="HF Hub id, directory or .gguf file"),
+            methods: str | None = typer.Option(None, help="comma-separated [all]"), config: Path | None = CONFIG,
+            n_xstest: int = typer.Option(250, help="XSTest safe prompts, 0: skip"), force: bool = False) -> None:
+    """Every method on one model: a table with intervals and paired tests, a Pareto plot (in OUT/compare)."""
+    from .run.compare import compare_main
+    print(compare_main(out, model, methods, n_xstest, config, force, setup_logging))
 
 
 def main() -> None:

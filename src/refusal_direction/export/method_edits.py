@@ -38,8 +38,8 @@ from ..methods.interventions import (
     WriterEdit,
 )
 from .orthogonalize import (
-    EditedWeights,
     _CHUNK_ROWS,
+    EditedWeights,
     _embeddings,
     _is_conv1d,
     _model_and_blocks,
@@ -104,7 +104,10 @@ def kernel_weights_(model, direction: torch.Tensor, attn_weights, mlp_weights, e
     r = _unit(direction)
 
     def edit(kind, layer, v):
-        w = embed_weight if "embedding" in kind else (attn_weights if kind.startswith("attention") else mlp_weights)[layer]
+        if "embedding" in kind:
+            w = embed_weight
+        else:
+            w = (attn_weights if kind.startswith("attention") else mlp_weights)[layer]
         return v - w * torch.outer(v @ r, r)
 
     return edit_written_vectors_(model, edit)

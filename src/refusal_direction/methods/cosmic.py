@@ -50,9 +50,9 @@ def reference_layers(mean_harmful: torch.Tensor, mean_harmless: torch.Tensor, lo
                      ) -> tuple[int, ...]:
     """Layers of least harmful/harmless mean similarity; means [n_positions, n_layers, d_model]."""
     n_layers = mean_harmful.shape[1]
-    sims = [_cos(mean_harmful[:, l], mean_harmless[:, l]) for l in range(n_layers)]
+    sims = [_cos(mean_harmful[:, i], mean_harmless[:, i]) for i in range(n_layers)]
     n = max(1, round(low_fraction * n_layers))
-    return tuple(sorted(sorted(range(n_layers), key=lambda l: sims[l])[:n]))
+    return tuple(sorted(sorted(range(n_layers), key=lambda i: sims[i])[:n]))
 
 
 @torch.no_grad()

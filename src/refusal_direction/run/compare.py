@@ -36,6 +36,21 @@ from .rundir import Run
 log = logging.getLogger(__name__)
 
 
+def compare_main(out: Path, model: str | None, methods: str | None, n_xstest: int, config: Path | None,
+                 force: bool, setup_logging=None) -> str:
+    """The ``compare`` command: config from ``config`` (TOML, any run key) and ``model``; the table as text."""
+    from ..config import build_config
+    from ..report.compare import table_markdown
+    from .pipeline import start_run
+
+    if setup_logging is not None:
+        setup_logging(out)
+    cfg = build_config({**({"model": model} if model else {}), "safety": False}, config)
+    result = stage_compare(start_run(out, cfg, force=force, progress=True), methods, n_xstest, force)
+    return (f"{table_markdown(result['rows'])}\ndominate DiM (lower refusal and lower KL): "
+            f"{', '.join(result['dominates_dim']) or 'none'}\nreport: {Path(out) / 'compare' / 'report.md'}")
+
+
 def compare_dir(run: Run) -> Path:
     return run.out / "compare"
 
@@ -107,4 +122,4 @@ def _run_methods(run: Run, samples, xstest, ivs: dict, info: dict) -> None:
         log.info("compare: %s done", name)
 
 
-__all__ = ["stage_compare", "compare_dir", "method_path"]
+__all__ = ["compare_main", "stage_compare", "compare_dir", "method_path"]

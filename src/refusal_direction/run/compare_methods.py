@@ -7,7 +7,7 @@ Every row uses the run's direction r (selected as `replicate` does) unless its m
 | baseline | none |
 | dim | directional ablation of r (the paper; the reference row of the paired tests) |
 | projected | directional ablation of r minus its harmless-mean component |
-| norm_preserving | norm-preserving biprojected ablation: the projected r removed, each written vector keeping its norm |
+| norm_preserving | biprojected, norm-preserving: the projected r removed, each written vector keeping its norm |
 | layer_kernel | scaled projection of r, weight a triangular kernel over layers (peak: r's layer, width n_layers/2) |
 | subspace | ablation of the k-dimensional refusal subspace (`methods.build.refusal_subspace`'s rule) |
 | ace | ACE: projection on r̂ set to the harmless mean's at every block input |
