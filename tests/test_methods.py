@@ -114,6 +114,7 @@ def test_every_weight_form_equals_its_hooks(family):
         edited = copy.deepcopy(lm.model)
         method_weights_(edited, iv)
         diff = (logits(lm, edited) - hooked).abs().max().item()
+        print(family, name, f"max |dlogit| {diff:.3g}")
         assert diff <= 1e-4, (family, name, diff)
         assert (hooked - logits(lm)).abs().max().item() > 1e-3, (family, name)  # the method did something
 
@@ -215,3 +216,16 @@ def test_projected_direction_is_orthogonal_to_the_harmless_mean_and_gain_probe()
     assert (p.layer, p.position) == (direction.layer, direction.position)
     assert abs(embedding_gain(lm.model, direction.vector) - 64 ** 0.5) < 1e-3  # Gemma scales by √d
     assert abs(embedding_gain(family_lm("gpt2").model, direction.vector) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma-tied", "gpt2"])
+def test_export_and_verify_each_weight_form(family, tmp_path):
+    from refusal_direction.export import load_exported
+    from refusal_direction.export.method_export import export_method_model, verify_method_export
+
+    lm = family_lm(family)
+    for name, iv in methods(lm).items():
+        out = export_method_model(lm, iv, tmp_path / name)
+        result = verify_method_export(lm, load_exported(out), iv, PROMPTS, max_new_tokens=6)
+        assert result["ok"], (family, name, result)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
