@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports only from lower layers or its own package):
 
-    errors -> fileio -> config  ->  data, core  ->  accel  ->  generation  ->  evaluation  ->  selection
+    errors -> fileio -> config  ->  data, core  ->  methods  ->  accel  ->  generation  ->  evaluation  ->  selection
     ->  export  ->  report  ->  run  ->  bench  ->  cli  ->  __main__
 
 (data and core are peers: neither imports the other.)
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "refusal_direction"
-LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("accel",), ("generation",), ("evaluation",),
-          ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
+LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("methods",), ("accel",), ("generation",),
+          ("evaluation",), ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400
 MIN_FILES = 30  # fewer: the checker is looking at the wrong folder

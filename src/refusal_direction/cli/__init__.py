@@ -1,5 +1,5 @@
 """Command-line interface (``refusal-direction``): `common` (the app, logging, errors), `run_commands`
-(replicate, stages, score, report, demo), `tools` (export, verify-export, fetch-model, select, bench)."""
+(replicate, stages, score, report, demo), `tools` (export, verify-export, fetch-model, select, bench, compare)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CLI commands around a run: export and verify-export of the edited weights, fetch-model, select from saved
-scores, bench."""
+scores, bench, and compare (every method on one harness)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..config import INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
-from .common import _overrides, app, setup_logging, user_errors
+from .common import CONFIG, OUT, _overrides, app, setup_logging, user_errors
 
 
 @app.command("export")
@@ -136,3 +136,14 @@ def bench(
     print(format_report(result))
 
 
+
+
+@app.command()
+@user_errors
+def compare(out: Path = OUT, model: str | None = typer.Option(None, help="HF Hub id, directory or .gguf file"),
+            methods: str | None = typer.Option(None, help="comma-separated [all]"), config: Path | None = CONFIG,
+            n_xstest: int = typer.Option(250, help="XSTest safe prompts, 0: skip"), force: bool = False) -> None:
+    """Every method on one model: a table with intervals and paired tests, a Pareto plot (in OUT/compare)."""
+    from ..run.compare import compare_main
+
+    print(compare_main(out, model, methods, n_xstest, config, force, setup_logging))

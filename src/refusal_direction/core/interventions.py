@@ -185,6 +185,8 @@ def apply_intervention(
                 return add(x, *at(x))
 
             handles.append(_hook_block_input(lm, intervention.layer, fn))
+        elif hasattr(intervention, "register_hooks"):  # the methods' interventions (refusal_direction.methods)
+            handles += intervention.register_hooks(lm, rows)
         elif not isinstance(intervention, Baseline):
             raise TypeError(f"unknown intervention {intervention!r}")
         yield
