@@ -24,7 +24,7 @@ from ..core.batching import run_batched
 from ..core.decoding import GenerationSettings
 from ..core.interventions import Baseline
 from ..data.instructions import resolve_data_dir
-from ..data.xstest_safe import load_xstest_safe
+from ..data.xstest import load_xstest_prompts
 from ..evaluation.capability import completion_nll, next_token_kl
 from ..evaluation.refusal import is_refusal
 from ..fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -74,7 +74,7 @@ def stage_compare(run: Run, methods: str | None = None, n_xstest: int = 100, for
     if todo:
         t0 = time.perf_counter()
         ivs, info = build_methods(run, samples, candidates, direction, todo)
-        xstest = load_xstest_safe(resolve_data_dir(run.config.data_dir), n_xstest) if n_xstest else []
+        xstest = load_xstest_prompts("xstest_safe", resolve_data_dir(run.config.data_dir))[:n_xstest] if n_xstest else []
         _run_methods(run, samples, xstest, ivs, info)
         run.timing("compare_s", time.perf_counter() - t0)
     records = {n: json.loads(method_path(run, n).read_text()) for n in names}
