@@ -74,7 +74,8 @@ def stage_compare(run: Run, methods: str | None = None, n_xstest: int = 100, for
     if todo:
         t0 = time.perf_counter()
         ivs, info = build_methods(run, samples, candidates, direction, todo)
-        xstest = load_xstest_prompts("xstest_safe", resolve_data_dir(run.config.data_dir))[:n_xstest] if n_xstest else []
+        data_dir = resolve_data_dir(run.config.data_dir)
+        xstest = load_xstest_prompts("xstest_safe", data_dir)[:n_xstest] if n_xstest else []
         _run_methods(run, samples, xstest, ivs, info)
         run.timing("compare_s", time.perf_counter() - t0)
     records = {n: json.loads(method_path(run, n).read_text()) for n in names}
