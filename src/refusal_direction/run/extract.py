@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 
 from ..core.directions import CandidateDirections, diff_in_means, load_candidates, save_candidates
-from ..data.instructions import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
+from ..data.instructions import (
+    Instruction,
+    Samples,
+    hash_instructions,
+    load_instructions,
+    resolve_data_dir,
+    sample_sets,
+)
 from ..fileio import atomic_write_json
 from .rundir import Run
 
@@ -32,6 +40,25 @@ def stage_samples(run: Run) -> Samples:
                              "data_dir": str(data_dir)})
     log.info("samples: %s", {k: len(v) for k, v in sets.items()})
     return samples
+
+
+def xstest_items(run: Run, name: str) -> list[Instruction]:
+    """XSTest's ``xstest_safe`` or ``xstest_unsafe`` prompts for this run (samples/xstest.json; written once).
+
+    ``n_xstest`` draws a seeded sample (``random.Random(seed)``, in file order) for CPU budgets; default all.
+    """
+    path = run.samples_dir / "xstest.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if name not in data:
+        c = run.config
+        items = load_instructions(name, resolve_data_dir(c.data_dir))
+        if c.n_xstest is not None and c.n_xstest < len(items):
+            keep = sorted(random.Random(c.seed).sample(range(len(items)), c.n_xstest))
+            items = [items[i] for i in keep]
+        data[name] = {"items": [i.record() for i in items], "hash": hash_instructions(items)}
+        atomic_write_json(path, data)
+        log.info("%s: %d prompts", name, len(items))
+    return [Instruction(r["instruction"], r.get("category"), r.get("id", "")) for r in data[name]["items"]]
 
 
 def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:

@@ -10,19 +10,20 @@ from ..core.interventions import ActivationAddition, Baseline, DirectionalAblati
 from ..data.instructions import Instruction, Samples
 from ..evaluation.refusal import is_refusal
 from ..fileio import atomic_write_jsonl, read_jsonl
+from .extract import xstest_items
 from .rundir import CONDITION_FILES, Run
 
 log = logging.getLogger(__name__)
 
 
 def condition_intervention(condition: str, direction: Direction, coeff: float) -> Intervention:
-    if condition in ("baseline", "harmless_baseline"):
+    if condition in ("baseline", "harmless_baseline", "xstest_safe_baseline", "xstest_unsafe_baseline"):
         return Baseline()
-    if condition == "ablation":
+    if condition in ("ablation", "xstest_safe_ablation", "xstest_unsafe_ablation"):
         return DirectionalAblation(direction.vector)
     if condition == "actadd_negative":
         return ActivationAddition(direction.vector, direction.layer, -coeff, name="actadd_negative")
-    if condition == "harmless_actadd":
+    if condition in ("harmless_actadd", "xstest_safe_actadd"):
         return ActivationAddition(direction.vector, direction.layer, coeff, name="actadd")
     raise ValueError(condition)
 
@@ -34,12 +35,13 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
     c = run.config
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     per_condition = choose_backend(run.lm, c.generation_backend) == "hf"  # the fast path runs them together
-    for dataset_key in ("eval", "harmless_eval"):
-        todo = [cond for cond in c.conditions if CONDITION_FILES[cond][0] == dataset_key
+    for dataset_key in ("eval", "harmless_eval", "xstest_safe", "xstest_unsafe"):
+        todo = [cond for cond in c.all_conditions if CONDITION_FILES[cond][0] == dataset_key
                 and (force or not run.completions_path(cond).is_file())]
         if not todo:
             continue
-        items: list[Instruction] = getattr(samples, dataset_key)
+        items: list[Instruction] = (xstest_items(run, dataset_key) if dataset_key.startswith("xstest_")
+                                    else getattr(samples, dataset_key))
         interventions = {cond: condition_intervention(cond, direction, c.actadd_coeff) for cond in todo}
         condition_of = {iv.name: cond for cond, iv in interventions.items()}
 
@@ -69,5 +71,5 @@ def write_completions(run: Run, condition: str, items: list[Instruction], gens) 
 
 
 def load_completions(run: Run) -> dict[str, list[dict]]:
-    return {cond: read_jsonl(run.completions_path(cond)) for cond in run.config.conditions
+    return {cond: read_jsonl(run.completions_path(cond)) for cond in run.config.all_conditions
             if run.completions_path(cond).is_file()}
