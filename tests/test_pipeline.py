@@ -12,7 +12,7 @@ import pytest
 from tiny import save_tiny_gemma
 
 TINY_ARGS = ["--n-train", "8", "--n-val", "4", "--n-eval", "6", "--n-harmless-eval", "4", "--max-new-tokens", "8",
-             "--batch-size", "4", "--layer", "1", "--position", "-2", "--device", "cpu"]
+             "--batch-size", "4", "--layer", "1", "--position", "-2", "--device", "cpu", "--n-xstest", "3"]
 
 
 class Result:

@@ -31,6 +31,13 @@ KNOWN_DIRECTIONS: dict[str, tuple[int, int]] = {"google/gemma-2b-it": (10, -2)}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (or a JSON file)
 
 ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline", "harmless_actadd")
+# Added when ``xstest`` is on: over-refusal on XSTest's safe prompts (baseline, ablation, +r) and its unsafe
+# contrast prompts (baseline, ablation).
+XSTEST_CONDITIONS = ("xstest_safe_baseline", "xstest_safe_ablation", "xstest_safe_actadd",
+                     "xstest_unsafe_baseline", "xstest_unsafe_ablation")
+JUDGE_NAMES = ("substring", "rules", "learned")  # evaluation.judges.JUDGES (checked by a test)
+# Fields added after run directories existed: left out of the fingerprint while at their default.
+_LATER_FIELDS = ("xstest", "n_xstest", "judge")
 
 # Direction selection thresholds (the paper's): the one definition, read by RunConfig, the `select` command
 # and selection's SelectionThresholds.
@@ -44,7 +51,7 @@ DEMO_SETTINGS = {
     "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
     "n_val": 12, "filter_val": False, "induce_relative": True, "induce_threshold": 0.0, "kl_threshold": 0.25,
     "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
-    "safety": False, "capability": False,
+    "safety": False, "capability": False, "xstest": False,
 }
 
 
@@ -110,6 +117,15 @@ class RunConfig:
     safety_batch_size: int = _f(8, "completions per safety-classifier batch")
     refusal_first_n_tokens: int = _f(64, "extra column: refusal score over the first N tokens only")
     capability: bool = _f(True, "KL and on-distribution CE on the harmless evaluation set per condition")
+    xstest: bool = _f(True, "add the XSTest conditions: over-refusal on its 250 safe prompts (baseline, ablation, "
+                            "+r) and its 200 unsafe contrast prompts (baseline, ablation)")
+    n_xstest: int | None = _f(None, "XSTest prompts per set (seeded sample, for CPU budgets; default all)")
+    judge: str = _f("learned", f"second refusal judge beside the paper's substring score: {', '.join(JUDGE_NAMES)}")
+
+    @property
+    def all_conditions(self) -> tuple[str, ...]:
+        """``conditions``, plus `XSTEST_CONDITIONS` when ``xstest`` is on."""
+        return tuple(self.conditions) + (XSTEST_CONDITIONS if self.xstest else ())
 
     def resolved_direction(self) -> tuple[str, int | None, int | None]:
         """(mode, layer, position) after applying defaults for known models."""
@@ -130,7 +146,8 @@ class RunConfig:
         """Hash of the fields that change results (not batch sizes, device or the data location)."""
         ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend",
                   "device_map", "max_memory", "offload_folder"}
-        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
+        d = {k: v for k, v in self.to_dict().items() if k not in ignore
+             and not (k in _LATER_FIELDS and v == FIELDS[k].default)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -236,6 +253,10 @@ def validate(c: RunConfig) -> list[str]:
     if mode == "fixed" and (layer is None or position is None) and not c.direction_file:
         p.append(f"select=fixed needs --layer and --position (no known direction for {c.model!r}); "
                  "or use --select auto")
+    if c.n_xstest is not None and c.n_xstest < 1:
+        p.append(f"n_xstest={c.n_xstest} must be at least 1 (or unset for all prompts)")
+    if c.judge not in JUDGE_NAMES:
+        p.append(f"judge={c.judge!r}: use one of {', '.join(JUDGE_NAMES)}")
     bad = [x for x in c.conditions if x not in ALL_CONDITIONS]
     if bad:
         p.append(f"conditions {bad} are unknown; choose from {', '.join(ALL_CONDITIONS)}")

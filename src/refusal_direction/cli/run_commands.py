@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..config import DEMO_MODEL
+from ..errors import UserError
 from .common import CONFIG, DEVICE_MAP, MAX_MEMORY, OUT, _console, _overrides, app, setup_logging, user_errors
 
 
@@ -42,6 +43,9 @@ def replicate(
     require_safety: bool = typer.Option(False, "--require-safety", help="fail if the safety model cannot load"),
     chat_template: str | None = typer.Option(None, help="Jinja chat template file"),
     direction_file: str | None = typer.Option(None, help="use a saved direction (.safetensors) instead"),
+    xstest: bool | None = typer.Option(None, "--xstest/--no-xstest", help="XSTest over-refusal conditions [on]"),
+    n_xstest: int | None = typer.Option(None, help="XSTest prompts per set, seeded sample [all: 250 safe, 200 unsafe]"),
+    judge: str | None = typer.Option(None, help="second refusal judge beside the substring score [learned]"),
     config: Path | None = CONFIG,
     force: bool = typer.Option(False, "--force", help="recompute stages; another config's run: delete only its files"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
@@ -56,6 +60,7 @@ def replicate(
                            select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
                            device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
                            direction_file=direction_file, device_map=device_map, max_memory=max_memory,
+                           xstest=xstest, n_xstest=n_xstest, judge=judge,
                            safety=False if no_safety else None, require_safety=True if require_safety else None)
     cfg = build_config(overrides, config)
     run_all(out, cfg, force, json_out, verbose)
@@ -86,12 +91,15 @@ def print_summary(summary: dict, out: Path) -> None:
     s = Summary.from_json(summary, source=out / "summary.json")
     d = s.direction
     t = Table(title=f"{s.model} - direction layer {d.layer}, position {d.position} ({d.selected_by})")
-    for col in ("condition", "dataset", "n", "refusal [95% CI]", "safety [95% CI]"):
+    judge = next((c.judge for c in s.conditions.values() if c.judge), None)
+    for col in ("condition", "dataset", "n", "refusal [95% CI]", "safety [95% CI]") + ((f"{judge} judge",) if judge
+                                                                                     else ()):
         t.add_column(col)
     for name, c in s.conditions.items():
-        r, sf = c.refusal, c.safety
+        r, sf, jr = c.refusal, c.safety, c.judged_refusal
         t.add_row(name, c.dataset, str(c.n), f"{r.rate:.2f} [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}]",
-                  f"{sf.rate:.2f} [{sf.ci95[0]:.2f}, {sf.ci95[1]:.2f}]" if sf else c.safety_status)
+                  f"{sf.rate:.2f} [{sf.ci95[0]:.2f}, {sf.ci95[1]:.2f}]" if sf else c.safety_status,
+                  *((f"{jr.rate:.2f} [{jr.ci95[0]:.2f}, {jr.ci95[1]:.2f}]" if jr else "—",) if judge else ()))
     console = _console()
     console.print(t)
     console.print(f"report: {out / 'report.md'}")
@@ -133,26 +141,29 @@ def score(
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
     safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     require_safety: bool = typer.Option(False, "--require-safety"),
+    judge: str | None = typer.Option(None, help="second refusal judge: substring | rules | learned [file: substring; "
+                                                "run: the run's config, learned]"),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="a local chat model (Hub id or directory) as "
+                                           "the LLM judge with XSTest's rubric (files only)"),
+    judge_device: str = typer.Option("auto", help="device of --judge-model"),
 ) -> None:
-    """Score completions: refusal (substring) and, for run directories, safety (Llama Guard 2)."""
+    """Score completions: refusal (substring), a second judge's refusal and, for run directories, safety."""
     if target.is_file():
-        from ..evaluation.scorefile import score_file
+        from ..evaluation.judges.llm import llm_judge_from_model
+        from ..evaluation.scorefile import describe_result, score_file
 
         result = score_file(target, safety_model=None if no_safety else safety_model,
-                            require_safety=require_safety)
-        if json_out:
-            print(json.dumps(result, indent=2))
-        else:
-            r = result["refusal"]
-            print(f"{target.name}: refusal score {r['rate']:.2f} ({r['k']}/{r['n']}, "
-                  f"95% CI [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])")
-            if result.get("safety"):
-                s = result["safety"]
-                print(f"safety score {s['rate']:.2f} ({s['k']}/{s['n']})")
+                            require_safety=require_safety, judge=llm_judge_from_model(judge_model, judge_device)
+                            if judge_model else (judge or "substring"))
+        print(json.dumps(result, indent=2) if json_out else "\n".join(describe_result(result, target.name)))
         return
     from ..run import pipeline
 
+    if judge_model:
+        raise UserError("--judge-model re-judges completion files; for a run directory use --judge NAME")
     overrides = {"safety": False} if no_safety else {}
+    if judge:
+        overrides["judge"] = judge
     if safety_model:
         overrides["safety_model"] = safety_model
     if require_safety:

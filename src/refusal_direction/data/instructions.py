@@ -64,7 +64,16 @@ NAMED_SETS: dict[str, str] = {
     "harmless_val": "refusal_direction/splits/harmless_val.json",
     "harmless_test": "refusal_direction/splits/harmless_test.json",
     "jailbreakbench": "jailbreakbench/behaviors.csv",
+    "xstest_safe": "xstest/xstest_prompts.csv",  # XSTest's 250 safe prompts (over-refusal), see data.xstest
+    "xstest_unsafe": "xstest/xstest_prompts.csv",  # its 200 unsafe contrast prompts
 }
+# XSTest's prompt file (paul-rottger/exaggerated-safety, CC BY 4.0): the ``label`` column picks the set. Downloaded
+# into the cache on first use when no data directory is given (not part of MANIFEST).
+XSTEST_PROMPTS = DataFile(
+    "xstest/xstest_prompts.csv",
+    "https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d/"
+    "xstest_prompts.csv", "11783fb294ed017473ee53c207d71f2161c7672c8d0b037501e78387f801cb5a")
+XSTEST_LABELS = {"xstest_safe": "safe", "xstest_unsafe": "unsafe"}
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,8 @@ def load_instructions(spec: str, data_dir: Path | None = None) -> list[Instructi
         if data_dir is None:
             raise UserError(f"named set {spec!r} needs a data directory (--data-dir)")
         path = data_dir / NAMED_SETS[spec]
+        if spec in XSTEST_LABELS:
+            return read_xstest_prompts(path, spec, data_dir)
         if not path.is_file():
             raise UserError(f"{spec!r}: file {path} is missing from the data directory {data_dir}")
     else:
@@ -153,6 +164,25 @@ def load_instructions(spec: str, data_dir: Path | None = None) -> list[Instructi
     items = read_instruction_file(path)
     prefix = spec if spec in NAMED_SETS else path.stem
     return [Instruction(i.text, i.category, f"{prefix}-{n}") for n, i in enumerate(items)]
+
+
+def read_xstest_prompts(path: Path, spec: str, data_dir: Path) -> list[Instruction]:
+    """XSTest's ``safe`` or ``unsafe`` prompts (category = prompt type, id = ``<spec>-<XSTest id>``).
+
+    When ``data_dir`` is the download cache, a missing prompt file is fetched (pinned, SHA-256 checked).
+    """
+    if not path.is_file() and Path(data_dir) == default_cache_dir() / "datasets":
+        ensure_downloaded(Path(data_dir), {XSTEST_PROMPTS.path: XSTEST_PROMPTS})
+    if not path.is_file():
+        raise UserError(f"XSTest file {path} is missing; point --data-dir (or REFUSAL_DIRECTION_DATA) at a folder "
+                        "with xstest/, or call data.xstest.ensure_xstest(DIR) to download the pinned files")
+    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
+    lacking = {"id", "prompt", "type", "label"} - set(reader.fieldnames or [])
+    if lacking:
+        raise UserError(f"{path}: missing column(s) {sorted(lacking)} (found {reader.fieldnames}); expected "
+                        "XSTest's xstest_prompts.csv")
+    want = XSTEST_LABELS[spec]
+    return [Instruction(r["prompt"].strip(), r["type"], f"{spec}-{r['id']}") for r in reader if r["label"] == want]
 
 
 def read_instruction_file(path: Path) -> list[Instruction]:

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .instructions import DataFile, Instruction, ensure_downloaded
+from .instructions import XSTEST_LABELS, XSTEST_PROMPTS, DataFile, Instruction, ensure_downloaded, read_xstest_prompts
 
 _XSTEST = ("https://raw.githubusercontent.com/paul-rottger/exaggerated-safety/"
            "d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d")
 
 XSTEST_FILES: dict[str, DataFile] = {f.path: f for f in [
-    DataFile("xstest/xstest_prompts.csv", f"{_XSTEST}/xstest_prompts.csv",
-             "11783fb294ed017473ee53c207d71f2161c7672c8d0b037501e78387f801cb5a"),
+    XSTEST_PROMPTS,
     DataFile("xstest/xstest_v2_completions_gpt4.csv", f"{_XSTEST}/model_completions/xstest_v2_completions_gpt4.csv",
              "71af323af8ecdec0efae23992317721441d2cfedddedeef3248f842f4e15c9ca"),
     DataFile("xstest/xstest_v2_completions_llama2orig.csv",
@@ -39,7 +38,7 @@ XSTEST_FILES: dict[str, DataFile] = {f.path: f for f in [
              "6a146b65a5b96ec8249729bc2db459697175125998d7cbbcc88f7688ecf31dad"),
 ]}
 
-XSTEST_SETS = {"xstest_safe": "safe", "xstest_unsafe": "unsafe"}
+XSTEST_SETS = XSTEST_LABELS
 COMPLETION_MODELS = ("gpt4", "llama2orig", "mistralinstruct")
 LABELS = {"1_full_compliance": False, "2_full_refusal": True, "3_partial_refusal": True}
 
@@ -81,9 +80,7 @@ def load_xstest_prompts(name: str, data_dir: Path) -> list[Instruction]:
     """``xstest_safe`` (250) or ``xstest_unsafe`` (200) as instructions; category = prompt type."""
     if name not in XSTEST_SETS:
         raise UserError(f"unknown XSTest set {name!r}; choose {' or '.join(XSTEST_SETS)}")
-    rows = _rows(Path(data_dir) / "xstest" / "xstest_prompts.csv", {"id", "prompt", "type", "label"})
-    want = XSTEST_SETS[name]
-    return [Instruction(r["prompt"].strip(), r["type"], f"{name}-{r['id']}") for r in rows if r["label"] == want]
+    return read_xstest_prompts(Path(data_dir) / XSTEST_PROMPTS.path, name, Path(data_dir))
 
 
 def read_labelled_completions(path: Path) -> list[LabelledCompletion]:

@@ -74,6 +74,25 @@ def apply_judge(judge, records: list[dict]) -> dict:
             "unparsed": len(verdicts) - len(read), "verdicts": [None if v is None else int(v) for v in verdicts]}
 
 
+def describe_result(result: dict, name: str) -> list[str]:
+    """Human-readable lines for a `score_file` result."""
+    r = result["refusal"]
+    lines = [f"{name}: refusal score {r['rate']:.2f} ({r['k']}/{r['n']}, "
+             f"95% CI [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])"]
+    if result.get("judged"):
+        j = result["judged"]["refusal"]
+        lines.append(f"{result['judged']['judge']} judge: refusal {j['rate']:.2f} ({j['k']}/{j['n']}, "
+                     f"unparsed {result['judged']['unparsed']})")
+    if result.get("human_agreement"):
+        h = result["human_agreement"]
+        lines.append(f"agreement with human labels ({h['judge']}): {h['rate']:.3f} ({h['k']}/{h['n']}, "
+                     f"95% CI [{h['ci95'][0]:.3f}, {h['ci95'][1]:.3f}]); confusion {h['confusion']}")
+    if result.get("safety"):
+        s = result["safety"]
+        lines.append(f"safety score {s['rate']:.2f} ({s['k']}/{s['n']})")
+    return lines
+
+
 def score_file(path: Path, safety_model: str | None = None, require_safety: bool = False,
                safety_batch_size: int = 8, judge: str | object = "substring") -> dict:
     """Score ``path``: substring refusal (always), ``judge``'s verdicts, human agreement, Llama Guard 2."""

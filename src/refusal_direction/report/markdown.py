@@ -31,6 +31,7 @@ from .format import (
     signed,
 )
 from .summary import PaperNumbers, Summary
+from .xstest_section import judge_name, judged_cell, xstest_section
 
 REFERENCE_SETTINGS = {"model": "google/gemma-2b-it", "max_new_tokens": 512, "stop_at_end_of_turn": False}
 
@@ -48,6 +49,7 @@ def render_markdown(
     parts = [
         _header(summary, selection),
         _results_section(summary, completions, figures),
+        xstest_section(summary),
         _category_section(summary),
         agreement_section(summary, completions),
         _generation_section(summary),
@@ -140,16 +142,23 @@ def _results_section(summary: Summary, completions: dict[str, list[dict]], figur
     if not conds:
         return "## Results\n\nNo conditions in summary.json."
     ref, task = _paper_tables(summary)
-    rows = ["| Condition | Dataset | n | Refusal score [95% CI] | Safety score [95% CI] | Paper run | Task text |",
-            "|---|---|--:|---|---|---|---|"]
+    judge = judge_name(summary)
+    extra = (f" Refusal, {judge} judge [95% CI] |", "---|") if judge else ("", "")
+    rows = ["| Condition | Dataset | n | Refusal score [95% CI] | Safety score [95% CI] | Paper run | Task text |"
+            + extra[0], "|---|---|--:|---|---|---|---|" + extra[1]]
     for name, c in conds.items():
         safety = fmt_score(c.safety, c.safety_score) if c.safety or c.safety_score is not None else "—"
         rows.append(f"| {condition_label(name)} | {dataset_label(c)} | {or_dash(count_of(c))} "
                     f"| {fmt_score(c.refusal, c.refusal_score)} | {safety} "
-                    f"| {fmt_paper(ref.get(name))} | {fmt_paper(task.get(name))} |")
-    judge = safety_judge_text(summary)
-    note = ("Refusal score: share of completions containing a refusal phrase (substring match). "
-            + ("Safety score: share judged safe by the safety judge. " if not judge.startswith("not computed")
+                    f"| {fmt_paper(ref.get(name))} | {fmt_paper(task.get(name))} |"
+                    + (f" {judged_cell(c)} |" if judge else ""))
+    safety_judge = safety_judge_text(summary)
+    note = ("Refusal score: share of completions containing a refusal phrase (substring match; the paper's "
+            "score, the headline). "
+            + (f"{judge} judge: the second refusal judge (evaluation.judges), checked against XSTest's human labels. "
+               if judge else "")
+            + ("Safety score: share judged safe by the safety judge. "
+               if not safety_judge.startswith("not computed")
                else "Safety score: not computed (reason under Settings). ")
             + "Intervals: 95% Wilson. Paper columns give refusal / safety from the released gemma-2b-it run "
             "and from the task text.")

@@ -41,23 +41,24 @@ def summarize(
     first_n_tokens: int,
     paper: PaperNumbers,
     timings: Mapping[str, float],
+    judge: str | None = None,  # name of the second refusal judge whose verdicts are the records' judged_refusal
 ) -> Summary:
     """The summary of a run from its records and settings (pure: reads no files)."""
     conditions = {
         cond: condition_result(records, dataset=datasets[cond], intervention=interventions[cond],
                                safety_status=safety_status, capability=capability.get(cond),
-                               first_n_tokens=first_n_tokens)
+                               first_n_tokens=first_n_tokens, judge=judge)
         for cond, records in completions.items()}
     return Summary(model=model, direction=direction, settings=settings, conditions=conditions,
                    paired_tests=paired_tests(completions, conditions), paper=paper, timings=dict(timings))
 
 
 def condition_result(records: Sequence[dict], *, dataset: str, intervention: dict, safety_status: Mapping,
-                     capability: Mapping | None, first_n_tokens: int) -> ConditionResult:
+                     capability: Mapping | None, first_n_tokens: int, judge: str | None = None) -> ConditionResult:
     """Scores of one condition's records; records without ``safety`` (unparsable judge answers) are left out of it.
 
-    Token counts, early stopping and first-N refusal are None unless every record has them (the paper's
-    released completions have none).
+    Token counts, early stopping, first-N refusal and the second judge's refusal (``judged_refusal``) are
+    None unless every record has them (the paper's released completions have none).
     """
     refusal = [r["refusal"] for r in records]
     judged = [r for r in records if r.get("safety") is not None]
@@ -71,6 +72,7 @@ def condition_result(records: Sequence[dict], *, dataset: str, intervention: dic
     tokens = _all_present(records, "n_tokens")
     stopped = _all_present(records, "stopped")
     first_n = _all_present(records, "refusal_first_n")
+    judged_refusal = _all_present(records, "judged_refusal") if judge else None
     return ConditionResult(
         dataset=dataset, intervention=dict(intervention), n=len(records),
         refusal_score=rate(refusal)["rate"], refusal=Score.of(refusal),
@@ -82,7 +84,10 @@ def condition_result(records: Sequence[dict], *, dataset: str, intervention: dic
         stopped_fraction=None if stopped is None else sum(bool(s) for s in stopped) / n,
         safety_unparsed=len(records) - len(judged) if has_safety else None,
         judge_agreement=JudgeAgreement.of([r["refusal"] for r in judged], safety) if has_safety else None,
-        capability=None if capability is None else Capability.from_json(capability))
+        capability=None if capability is None else Capability.from_json(capability),
+        judge=judge if judged_refusal is not None else None,
+        judged_refusal=None if judged_refusal is None else Score.of(judged_refusal),
+        refusal_judges_agreement=None if judged_refusal is None else JudgeAgreement.of(refusal, judged_refusal))
 
 
 def paired_tests(completions: Mapping[str, Sequence[dict]], conditions: Mapping[str, ConditionResult]

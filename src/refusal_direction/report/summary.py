@@ -5,6 +5,10 @@ written to summary.json; `Summary.from_json` reads one back, checking ``schema_v
 so a field the pipeline drops or renames fails loudly instead of showing "—" in the report. The JSON
 layout is the one summary.json had before it was typed, plus ``schema_version``, so tools that read it
 by key keep working.
+
+Schema 2 adds, per condition, the second refusal judge (``judge``: its name; ``judged_refusal``: its
+refusal score with a Wilson interval; ``refusal_judges_agreement``: substring (a) vs that judge (b)).
+Schema 1 files are still read; those fields are then None.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any, Mapping, Sequence
 from ..errors import UserError
 from ..evaluation.stats import agreement_table, mcnemar, rate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _FIRST_N = re.compile(r"refusal_first_(\d+)_tokens")
 
 
@@ -169,13 +174,21 @@ class ConditionResult:
     safety_unparsed: int | None  # judge answers that could not be parsed (excluded from the safety score)
     judge_agreement: JudgeAgreement | None
     capability: Capability | None
+    judge: str | None = None  # the second refusal judge (schema 2), e.g. "learned"
+    judged_refusal: Score | None = None  # its refusal score
+    refusal_judges_agreement: JudgeAgreement | None = None  # substring (a) vs the second judge (b)
 
     @classmethod
-    def from_json(cls, d: _Json) -> ConditionResult:
+    def from_json(cls, d: _Json, version: int = SCHEMA_VERSION) -> ConditionResult:
         first = [k for k in d.data if _FIRST_N.fullmatch(k)]
         key = first[0] if first else "refusal_first_<N>_tokens"
         cats, agreement, capability = d.obj("per_category"), d.obj("judge_agreement"), d["capability"]
-        return cls(
+        judged = {}
+        if version >= 2:
+            both = d.obj("refusal_judges_agreement")
+            judged = {"judge": d["judge"], "judged_refusal": _score(d.obj("judged_refusal")),
+                      "refusal_judges_agreement": None if both is None else JudgeAgreement.from_json(both)}
+        return cls(**judged,
             dataset=d["dataset"], intervention=d["intervention"], n=d["n"], refusal_score=d["refusal_score"],
             refusal=_score(d.obj("refusal")), safety_score=d["safety_score"], safety=_score(d.obj("safety")),
             safety_status=d["safety_status"],
@@ -197,7 +210,9 @@ class ConditionResult:
                 "per_category": cats, "mean_completion_tokens": self.mean_completion_tokens,
                 f"refusal_first_{self.first_n_tokens}_tokens": _json(self.refusal_first_n),
                 "stopped_fraction": self.stopped_fraction, "safety_unparsed": self.safety_unparsed,
-                "judge_agreement": _json(self.judge_agreement), "capability": _json(self.capability)}
+                "judge_agreement": _json(self.judge_agreement), "capability": _json(self.capability),
+                "judge": self.judge, "judged_refusal": _json(self.judged_refusal),
+                "refusal_judges_agreement": _json(self.refusal_judges_agreement)}
 
 
 @dataclass(frozen=True)
@@ -283,10 +298,11 @@ class Summary:
         """Read a summary.json dict; raises UserError for an unknown or missing version or a missing key."""
         d = _Json(data, "summary", str(source))
         version = d.data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             seen = "has no schema_version" if version is None else f"has schema_version {version!r}"
             raise UserError(f"{source} {seen}; this version of refusal-direction reads schema_version "
-                            f"{SCHEMA_VERSION}. Re-run `refusal-direction score <run dir>` to rewrite it.")
+                            f"{' or '.join(map(str, READABLE_VERSIONS))}. Re-run `refusal-direction score <run dir>` "
+                            "to rewrite it.")
         direction, settings, paper = d.obj("direction"), d.obj("settings"), d.obj("paper")
         conditions = d.obj("conditions") or _Json({}, "conditions", str(source))
         tests = d.obj("paired_tests") or _Json({}, "paired_tests", str(source))
@@ -294,7 +310,8 @@ class Summary:
             model=d["model"],
             direction=None if direction is None else DirectionInfo.from_json(direction),
             settings=None if settings is None else Settings.from_json(settings),
-            conditions={k: ConditionResult.from_json(conditions.obj(k, f"conditions[{k!r}]")) for k in conditions.data},
+            conditions={k: ConditionResult.from_json(conditions.obj(k, f"conditions[{k!r}]"), version)
+                        for k in conditions.data},
             paired_tests={k: _paired(tests.obj(k, f"paired_tests[{k!r}]")) for k in tests.data},
             paper=None if paper is None else PaperNumbers.from_json(paper),
             timings=dict(d["timings"] or {}),

@@ -112,6 +112,8 @@ def stage_capability(run: Run, samples: Samples, direction: Direction, force: bo
         iv = condition_intervention(cond, direction, c.actadd_coeff)
         if cond.startswith("harmless_") and cond != "harmless_actadd":
             continue
+        if cond.startswith("xstest_"):  # capability is measured on the harmless set only
+            continue
         kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)
         entry = {"kl": kl["kl"], "dataset": "harmless"}
         if own is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -13,7 +14,14 @@ from ..core.directions import (
     load_candidates,
     save_candidates,
 )
-from ..data.instructions import Instruction, Samples, hash_instructions, resolve_data_dir, sample_sets
+from ..data.instructions import (
+    Instruction,
+    Samples,
+    hash_instructions,
+    load_instructions,
+    resolve_data_dir,
+    sample_sets,
+)
 from ..errors import UserError
 from ..fileio import atomic_write_json, read_json
 from .rundir import Run
@@ -54,6 +62,25 @@ def read_samples(path: Path) -> Samples:
         return Samples(**parsed, dropped_duplicates=list(data.get("dropped_duplicates", [])))
     except (TypeError, KeyError, AttributeError) as exc:
         raise UserError(f"run file {path}: malformed samples ({exc}); {fix}") from exc
+
+
+def xstest_items(run: Run, name: str) -> list[Instruction]:
+    """XSTest's ``xstest_safe`` or ``xstest_unsafe`` prompts for this run (samples/xstest.json; written once).
+
+    ``n_xstest`` draws a seeded sample (``random.Random(seed)``, in file order) for CPU budgets; default all.
+    """
+    path = run.samples_dir / "xstest.json"
+    data = read_json(path, "run file") if path.is_file() else {}
+    if name not in data:
+        c = run.config
+        items = load_instructions(name, resolve_data_dir(c.data_dir))
+        if c.n_xstest is not None and c.n_xstest < len(items):
+            keep = sorted(random.Random(c.seed).sample(range(len(items)), c.n_xstest))
+            items = [items[i] for i in keep]
+        data[name] = {"items": [i.record() for i in items], "hash": hash_instructions(items)}
+        atomic_write_json(path, data)
+        log.info("%s: %d prompts", name, len(items))
+    return [Instruction(r["instruction"], r.get("category"), r.get("id", "")) for r in data[name]["items"]]
 
 
 def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:

@@ -11,19 +11,20 @@ from ..data.instructions import Instruction, Samples
 from ..errors import UserError
 from ..evaluation.refusal import is_refusal
 from ..fileio import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from .extract import xstest_items
 from .rundir import CONDITION_FILES, Run
 
 log = logging.getLogger(__name__)
 
 
 def condition_intervention(condition: str, direction: Direction, coeff: float) -> Intervention:
-    if condition in ("baseline", "harmless_baseline"):
+    if condition in ("baseline", "harmless_baseline", "xstest_safe_baseline", "xstest_unsafe_baseline"):
         return Baseline()
-    if condition == "ablation":
+    if condition in ("ablation", "xstest_safe_ablation", "xstest_unsafe_ablation"):
         return DirectionalAblation(direction.vector)
     if condition == "actadd_negative":
         return ActivationAddition(direction.vector, direction.layer, -coeff, name="actadd_negative")
-    if condition == "harmless_actadd":
+    if condition in ("harmless_actadd", "xstest_safe_actadd"):
         return ActivationAddition(direction.vector, direction.layer, coeff, name="actadd")
     raise ValueError(condition)
 
@@ -37,12 +38,12 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
     backend = choose_backend(run.lm, c.generation_backend)
     check_backend(run, backend, force)
     per_condition = backend == "hf"  # the fast path runs them together
-    for dataset_key in ("eval", "harmless_eval"):
-        todo = [cond for cond in c.conditions if CONDITION_FILES[cond][0] == dataset_key
-                and (force or completions_problem(run, cond, getattr(samples, dataset_key), redo=True))]
+    for dataset_key in ("eval", "harmless_eval", "xstest_safe", "xstest_unsafe"):
+        todo = [cond for cond in c.all_conditions if CONDITION_FILES[cond][0] == dataset_key
+                and (force or completions_problem(run, cond, dataset_items(run, samples, dataset_key), redo=True))]
         if not todo:
             continue
-        items: list[Instruction] = getattr(samples, dataset_key)
+        items = dataset_items(run, samples, dataset_key)
         interventions = {cond: condition_intervention(cond, direction, c.actadd_coeff) for cond in todo}
         condition_of = {iv.name: cond for cond, iv in interventions.items()}
 
@@ -55,6 +56,11 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
         generate_all(run.lm, [i.text for i in items], list(interventions.values()), settings,
                      progress=run.progress, backend=c.generation_backend, on_done=done)
         run.timing(f"generate_{dataset_key}_s", time.perf_counter() - t0)
+
+
+def dataset_items(run: Run, samples: Samples, dataset_key: str) -> list[Instruction]:
+    """The instructions of one of the run's evaluation sets (the samples' sets, or XSTest's)."""
+    return xstest_items(run, dataset_key) if dataset_key.startswith("xstest_") else getattr(samples, dataset_key)
 
 
 def write_completions(run: Run, condition: str, items: list[Instruction], gens) -> None:
@@ -113,14 +119,14 @@ def completions_problem(run: Run, condition: str, items: list[Instruction], redo
 
 
 def load_completions(run: Run) -> dict[str, list[dict]]:
-    return {cond: read_jsonl(run.completions_path(cond), "completions file") for cond in run.config.conditions
+    return {cond: read_jsonl(run.completions_path(cond), "completions file") for cond in run.config.all_conditions
             if run.completions_path(cond).is_file()}
 
 
 def check_completions(run: Run, samples: Samples) -> None:
     """Every completion file matches the run's samples (else scores would pair unrelated rows)."""
-    for cond in run.config.conditions:
-        problem = completions_problem(run, cond, getattr(samples, CONDITION_FILES[cond][0]))
+    for cond in run.config.all_conditions:
+        problem = completions_problem(run, cond, dataset_items(run, samples, CONDITION_FILES[cond][0]))
         if problem and problem != "missing":
             raise UserError(f"{problem}; re-run `refusal-direction generate {run.out} --force` (or the same "
                             "replicate command) to regenerate it")

@@ -32,6 +32,12 @@ CONDITION_FILES = {
     "actadd_negative": ("eval", "actadd_negative"),
     "harmless_baseline": ("harmless_eval", "baseline"),
     "harmless_actadd": ("harmless_eval", "actadd"),
+    # XSTest (config xstest): over-refusal on safe prompts, and its unsafe contrast prompts
+    "xstest_safe_baseline": ("xstest_safe", "baseline"),
+    "xstest_safe_ablation": ("xstest_safe", "ablation"),
+    "xstest_safe_actadd": ("xstest_safe", "actadd"),
+    "xstest_unsafe_baseline": ("xstest_unsafe", "baseline"),
+    "xstest_unsafe_ablation": ("xstest_unsafe", "ablation"),
 }
 
 
@@ -67,6 +73,8 @@ class Run:
         return self.out / "completions" / f"{self.dataset_name(dataset_key)}__{name}.jsonl"
 
     def dataset_name(self, key: str) -> str:
+        if key.startswith("xstest_"):
+            return key
         spec = self.config.eval if key == "eval" else "harmless"
         return Path(spec).stem if key == "eval" else spec
 

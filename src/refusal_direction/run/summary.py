@@ -38,6 +38,7 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
 
     c = run.config
     completions = load_completions(run)
+    add_judged_refusal(completions, c.judge)
     meta = json.loads(run.direction_path.with_suffix(".json").read_text())
     env_path, timings_path = run.out / "environment.json", run.out / "timings.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
@@ -55,5 +56,16 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
         datasets={cond: run.dataset_name(CONDITION_FILES[cond][0]) for cond in completions},
         interventions=interventions, safety_status=safety_status, capability=capability,
         first_n_tokens=c.refusal_first_n_tokens, paper=PaperNumbers.from_json(PAPER),
-        timings=json.loads(timings_path.read_text()) if timings_path.is_file() else {})
+        timings=json.loads(timings_path.read_text()) if timings_path.is_file() else {}, judge=c.judge)
     return summary.to_json()
+
+
+def add_judged_refusal(completions: dict[str, list[dict]], judge_name: str) -> None:
+    """Set ``judged_refusal`` (0/1) on every record by the judge ``judge_name`` (in memory, no files)."""
+    from ..evaluation.judges import get_judge
+
+    judge = get_judge(judge_name)
+    for records in completions.values():
+        verdicts = judge.judge([r["instruction"] for r in records], [r["completion"] for r in records])
+        for r, v in zip(records, verdicts, strict=True):
+            r["judged_refusal"] = int(bool(v))

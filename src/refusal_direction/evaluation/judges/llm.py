@@ -72,6 +72,13 @@ def parse_verdict(text: str) -> str | None:
     return hits[0][1]
 
 
+def llm_judge_from_model(model: str, device: str = "auto", **kwargs) -> LLMJudge:
+    """An `LLMJudge` from a local chat model (Hub id or directory), loaded with `core.model.load_model`."""
+    from ...core.model import load_model
+
+    return LLMJudge.from_loaded(load_model(model, device=device), **kwargs)
+
+
 class LLMJudge:
     """A chat model answers the XSTest rubric for each completion (batched greedy generation)."""
 
