@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Real-model runs on one GPU machine without internet (../shared/MODELS.md §4): the Qwen2.5-Coder-0.5B-Instruct
+# GGUF assembled from parts copied to /tmp/blob beforehand, wheels the machine lacks carried in .whl/, the data
+# in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
+#
+#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup auto compare offload optimize bench8b
+#
+# Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
+# one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-/tmp/runs}
+GGUF=/tmp/q05.gguf
+SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 REFUSAL_DIRECTION_DATA=$PWD/.data
+export PYTHONPATH=/tmp/site:$PWD/src
+mkdir -p "$RUNS"
+
+KEEP=$RUNS/keep
+rm -rf "$KEEP"
+keep() {  # keep NAME FILE...: the small result files of a step, archived at the end
+    local name=$1; shift
+    mkdir -p "$KEEP/$name"
+    for f in "$@"; do [ -f "$f" ] && cp "$f" "$KEEP/$name/"; done
+    return 0
+}
+archive() { [ -n "${OUT:-}" ] && [ -d "$KEEP" ] && tar czf "$OUT/results-$(IFS=-; echo "$*").tgz" -C "$KEEP" .; return 0; }
+trap 'archive "$@"' EXIT
+
+rd() { python -m refusal_direction "$@"; }
+
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+    setup)
+      python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      [ -f $GGUF ] || cat /tmp/blob/q05.part* > $GGUF
+      echo "$SHA  $GGUF" | sha256sum -c
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)";;
+    auto)  # #14/#15: automatic selection with no config, the paper's protocol, XSTest conditions
+      time rd replicate --model $GGUF --select auto --out $RUNS/auto --json > $RUNS/auto.summary.json
+      keep auto $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
+           $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log;;
+    compare)  # #16: every method on one harness
+      time rd compare --model $GGUF --out $RUNS/compare
+      keep compare $RUNS/compare/compare/table.json $RUNS/compare/compare/table.md $RUNS/compare/compare/pareto.png \
+           $RUNS/compare/compare/report.md $RUNS/compare/timings.json;;
+    offload)  # #18: the model does not fit on the GPU (CPU offload), reduced budget
+      time rd replicate --model $GGUF --select auto --out $RUNS/offload --device-map auto \
+          --max-memory 0=300MiB,cpu=64GiB --no-safety --no-xstest --n-eval 20 --max-new-tokens 64 \
+          --conditions baseline,ablation
+      keep offload $RUNS/offload/summary.json $RUNS/offload/timings.json $RUNS/offload/environment.json;;
+    optimize)  # #17: the search, batched, then the same search one trial at a time for the speed ratio
+      time rd optimize --model $GGUF --out $RUNS/optimize --trials 200
+      keep optimize $RUNS/optimize/optimize/summary.json $RUNS/optimize/optimize/front.md \
+           $RUNS/optimize/optimize/front.png;;
+    bench8b)  # #18: Llama-3-8B's shape with random weights
+      time rd bench --model llama-3-8b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
+          --json $RUNS/bench8b.json
+      keep bench8b $RUNS/bench8b.json;;
+    *) echo "unknown step $step" >&2; exit 2;;
+  esac
+done
