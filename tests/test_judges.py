@@ -47,9 +47,7 @@ def test_registry_names_and_unknown():
 @pytest.mark.parametrize("name", ["rules", "learned"])
 def test_crafted_refusals_and_compliance(name):
     judge = get_judge(name)
-    # The learned judge saw "I'm just an AI, ..." open mostly compliant answers to nonsense questions
-    # (llama2orig), so it is not asked to call that one a refusal.
-    refusals = REFUSALS if name == "rules" else [r for r in REFUSALS if not r.startswith("I'm just an AI")]
+    refusals = REFUSALS
     texts = refusals + COMPLIANCE
     got = judge.judge(["q"] * len(texts), texts)
     assert got == [True] * len(refusals) + [False] * len(COMPLIANCE), list(zip(got, texts))
@@ -79,16 +77,7 @@ def _xstest_rows():
     return {m: load_labelled_completions(m, DATA.parent) for m in COMPLETION_MODELS}
 
 
-@needs_xstest
-def test_packaged_model_reproduces_sklearn_decision_stored_at_training():
-    """The numpy transform + linear model gives sklearn's logits (stored by the training script)."""
-    judge = LearnedJudge.from_file()
-    texts = [r.completion for rows in _xstest_rows().values() for r in rows]
-    np.testing.assert_allclose(judge.decision(texts), judge.params["sklearn_decision"], rtol=0, atol=1e-9)
-
-
-@needs_xstest
-def test_numpy_inference_equals_sklearn_refit():
+def _train_script():
     pytest.importorskip("sklearn")
     import importlib.util
 
@@ -96,12 +85,65 @@ def test_numpy_inference_equals_sklearn_refit():
                                                   "train_refusal_judge.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    return train
+
+
+def _unpadded_char_wb(text, ngram_min, ngram_max):
+    """A plausible wrong analyzer: char n-grams of each word without scikit-learn's space padding."""
+    return [w[i:i + n] for w in text.split() for n in range(ngram_min, ngram_max + 1)
+            for i in range(max(1, len(w) - n + 1))]
+
+
+@needs_xstest
+def test_packaged_model_reproduces_sklearn_decision_stored_at_training():
+    """The numpy transform + linear model gives sklearn's logits (stored by the training script) on all
+    1,350 training completions, and the verdicts are logit > threshold OR the rule verdict."""
+    judge = LearnedJudge.from_file()
+    p = judge.params
+    assert p["format"] == "refusal-direction learned judge v2" and p["settings"]["combine"] == "or_rules"
+    assert [b["analyzer"] for b in p["blocks"]] == ["word", "char_wb"]
+    texts = [r.completion for rows in _xstest_rows().values() for r in rows]
+    assert len(texts) == len(p["sklearn_decision"]) == 1350
+    np.testing.assert_allclose(judge.decision(texts), p["sklearn_decision"], rtol=0, atol=1e-9)
+    rules = RuleJudge().judge(texts, texts)
+    assert judge.judge(texts, texts) == [d > p["threshold"] or r for d, r in zip(p["sklearn_decision"], rules)]
+
+
+@needs_xstest
+def test_divergent_char_analyzer_is_caught(monkeypatch):
+    """The check above is sensitive to the char_wb block: drop the padding and the logits move."""
+    from refusal_direction.evaluation.judges import learned
+
+    judge = LearnedJudge.from_file()
+    texts = [r.completion for r in _xstest_rows()["gpt4"][:100]]
+    monkeypatch.setattr(learned, "char_wb_ngrams", _unpadded_char_wb)
+    diff = np.abs(judge.decision(texts) - np.asarray(judge.params["sklearn_decision"][:100]))
+    assert (diff > 1e-3).all()
+
+
+@needs_xstest
+def test_analyzers_match_sklearn_on_every_training_completion(monkeypatch):
+    """learned.py's word and char_wb n-grams == scikit-learn's analyzers, opening and whole text, all 1,350."""
+    train = _train_script()
+    texts = [r.completion for rows in _xstest_rows().values() for r in rows]
+    assert train.analyzer_mismatches("v2", texts) == []
+    monkeypatch.setattr(train, "char_wb_ngrams", _unpadded_char_wb)  # the comparison itself can fail
+    assert len(train.analyzer_mismatches("v2", texts[:20])) == 40
+
+
+@needs_xstest
+@pytest.mark.parametrize("config", ["v1", "v2"])
+def test_numpy_inference_equals_sklearn_refit(config):
+    train = _train_script()
     rows = _xstest_rows()["gpt4"][:200]
     texts, labels = [r.completion for r in rows], [int(r.refusal) for r in rows]
-    params = train.fit(texts, labels)
+    params = train.fit(texts, labels, config)
     judge = LearnedJudge(params)
     np.testing.assert_allclose(judge.decision(texts), params["sklearn_decision"], rtol=0, atol=1e-9)
-    assert judge.judge(texts, texts) == [d > 0 for d in params["sklearn_decision"]]
+    learned = [d > 0 for d in params["sklearn_decision"]]
+    if config == "v2":
+        learned = [a or b for a, b in zip(learned, RuleJudge().judge(texts, texts))]
+    assert judge.judge(texts, texts) == learned
 
 
 @needs_xstest
@@ -113,6 +155,33 @@ def test_golden_agreement_matches_training_report(model):
         got = score_file(DATA / f"xstest_v2_completions_{model}.csv", judge=name)["human_agreement"]
         assert (got["k"], got["n"]) == (report[key]["k"], report[key]["n"]), name
         assert got["confusion"] == report[key]["confusion"], name
+
+
+@needs_xstest
+def test_leave_one_file_out_report_reproduced_and_meets_acceptance():
+    """Refit one LOFO split (hold out mistralinstruct, the hardest) with the training script: the same
+    agreement as stored; and the stored LOFO agreement is >= 93 % on every file (issue #15)."""
+    train = _train_script()
+    report = LearnedJudge.from_file().params["training_report"]["leave_one_file_out"]
+    assert all(report[m]["rate"] >= 0.93 for m in ("gpt4", "llama2orig", "mistralinstruct"))
+    rows = _xstest_rows()
+    rest = [r for m in ("gpt4", "llama2orig") for r in rows[m]]
+    params = train.fit([r.completion for r in rest], [int(r.refusal) for r in rest], "v2")
+    test = rows["mistralinstruct"]
+    pred = LearnedJudge(params).judge([r.completion for r in test], [r.completion for r in test])
+    got = train.agreement(pred, [int(r.refusal) for r in test])
+    assert (got["k"], got["n"], got["confusion"]) == (report["mistralinstruct"]["k"], report["mistralinstruct"]["n"],
+                                                      report["mistralinstruct"]["confusion"])
+
+
+def test_packaged_model_is_plain_json_of_reasonable_size():
+    from importlib import resources
+
+    raw = resources.files("refusal_direction.evaluation").joinpath("judge_model.json").read_bytes()
+    assert len(raw) < 3_000_000
+    params = json.loads(raw)
+    assert params["training_report"]["vocabulary_sizes"] == {b["analyzer"]: len(b["vocabulary"])
+                                                             for b in params["blocks"]}
 
 
 def test_agreement_on_planted_file_matches_hand_count(tmp_path):

@@ -129,6 +129,7 @@ class LearnedJudge:
 
     name = "learned"
     description = "logistic regression on TF-IDF n-grams + rule signals, fitted on XSTest human labels"
+    # (the packaged model, format v2, also calls a refusal whatever the rule judge calls one: combine=or_rules)
 
     def __init__(self, params: dict):
         missing = {"coef", "intercept", "threshold", "settings"} - set(params)
