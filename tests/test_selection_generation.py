@@ -149,14 +149,16 @@ def test_rule_prefers_fewest_refusals_then_lowest_kl(tiny_lm, candidates, monkey
     assert "position -1, layer 0: KL 0.0500" in str(err.value) and "select_max_kl to 0.05" in str(err.value)
 
 
-def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize("strategy", ["full", "lazy"])
+def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch, strategy):
     from test_pipeline import cli
     from tiny import save_tiny_gemma
 
     monkeypatch.setattr(refusal, "is_refusal", text_judge)  # a random model never says "I cannot"
     model = save_tiny_gemma(tmp_path / "tiny-gemma")
     out, config = tmp_path / "run", tmp_path / "loose.toml"
-    config.write_text("select_max_kl = 100.0\nselect_top_k = 2\nselect_new_tokens = 4\n")  # random model: large KL
+    config.write_text(f"select_max_kl = 100.0\nselect_top_k = 2\nselect_new_tokens = 4\n"  # random model: large KL
+                      f"select_strategy = '{strategy}'\n")
     cli("replicate", "--config", config, "--model", model, "--data-dir", data_dir, "--out", out, "--n-train", "8",
         "--n-val", "6", "--n-eval", "4", "--n-harmless-eval", "4", "--max-new-tokens", "4", "--batch-size", "4",
         "--device", "cpu", "--select", "auto", "--conditions", "baseline,ablation", "--no-safety")
@@ -170,7 +172,7 @@ def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch):
     assert sel["n_harmful_val"] == val["n_harmful_used"] == sel["generation"]["n_prompts"]
     chosen = sel["chosen"]
     assert sel["survivors"][0]["layer"] == chosen["layer"] and 0 <= chosen["refusal_rate"] <= 1
-    assert len(sel["survivors"]) == 2 and sel["thresholds"]["new_tokens"] == 4
+    assert len(sel["survivors"]) == 2 and sel["thresholds"]["new_tokens"] == 4 and sel["strategy"] == strategy
     direction = json.loads((out / "direction.json").read_text())
     assert (direction["layer"], direction["position"]) == (chosen["layer"], chosen["position"])
     assert "Rule: generation" in (out / "report.md").read_text()

@@ -41,7 +41,8 @@ MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 # Only budget knobs differ from `replicate`: the selection rule and its thresholds are the defaults.
 DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "select_layers": "6:19:3", "n_train": 64, "n_val": 16, "select_top_k": 6,
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
+    "n_val": 16, "select_top_k": 6,
     "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
     "safety": False, "capability": False,
 }
@@ -86,8 +87,9 @@ class RunConfig:
     select_layers: str | None = _f(None, "selection: layers to score, 'start:stop:step' or '6,9,12' (default all)")
     induce_relative: bool = _f(False, "selection: induce threshold is relative to the unintervened harmless "
                                       "metric (the addition must raise refusal log-odds by this much)")
-    select_strategy: str = _f("full", "paper rule: full (score every candidate) | lazy (bypass for all, induce/KL "
-                                      "in bypass order until the first survivor: same choice, fewer forwards)")
+    select_strategy: str = _f("full", "full (score every candidate) | lazy (bypass for all, then induce/KL (paper "
+                                      "rule) or KL (generation rule) in bypass order only as far as the choice "
+                                      "needs: same choice, fewer forwards)")
     filter_val: bool = _f(True, "selection: keep harmful val items the model refuses, harmless ones it does not")
     min_val_prompts: int = _f(MIN_VAL_PROMPTS, "selection: the validation filter keeps at least min(this, half the "
                                                "set) of each kind, topping up by refusal metric rank")

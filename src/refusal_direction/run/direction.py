@@ -52,7 +52,7 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
                             run.out / "figures" / "selection_heatmaps.png",
                             chosen=(result.position, result.layer), thresholds=thresholds)
     atomic_write_json(run.out / "selection.json", {
-        **record, "strategy": c.select_strategy if c.select_rule == "paper" else "full",
+        **record, "strategy": c.select_strategy,
         "n_harmful_val": len(val.harmful), "n_harmless_val": len(val.harmless), "filter_val": c.filter_val,
         "validation": val.to_json(), "refusal_tokens": tokens.to_json(),
         "layers_scored": sorted({s.layer for s in scores}), "induce_relative": c.induce_relative,
@@ -128,12 +128,40 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
     from ..generation import GenerationSettings
 
     lm, c = run.lm, run.config
-    scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
-                                        progress=run.progress, layers=layers, kinds=("bypass", "kl"))
     rule = selection.GenerationRule(c.select_max_kl, c.select_top_k, c.prune_layer_fraction, c.select_new_tokens)
+    if c.select_strategy == "lazy":
+        scores = _lazy_bypass_kl(run, candidates, val, refusal_ids, layers, rule)
+    else:
+        scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
+                                            progress=run.progress, layers=layers, kinds=("bypass", "kl"))
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     result = selection.select_by_generation(lm, candidates, scores, val.harmful, rule, settings,
                                             c.generation_backend, run.progress)
     thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
                                                prune_layer_fraction=c.prune_layer_fraction)
     return result, scores, thresholds, selection.generation_result_to_json(result, scores)
+
+
+def _lazy_bypass_kl(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers, rule):
+    """Bypass for every unpruned candidate, KL in ascending bypass order until ``top_k`` have KL <= max_kl: the
+    pre-filter keeps the same candidates as with KL for all (unevaluated ones keep NaN KL)."""
+    from dataclasses import replace
+
+    from .. import selection
+
+    lm, max_layer = run.lm, rule.max_layer(candidates.n_layers)
+    layers = [x for x in (range(candidates.n_layers) if layers is None else layers) if x < max_layer]
+    keys = [(p, x) for p in candidates.positions for x in layers]
+    scores = {(s.position, s.layer): s for s in selection.score_candidates(
+        lm, candidates, val.harmful, val.harmless, refusal_ids, progress=run.progress, keys=keys, kinds=("bypass",))}
+    order = sorted((k for k, s in scores.items() if math.isfinite(s.bypass)), key=lambda k: scores[k].bypass)
+    eligible = 0
+    for start in range(0, len(order), rule.top_k):
+        chunk = order[start:start + rule.top_k]
+        for r in selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids, keys=chunk,
+                                            kinds=("kl",)):
+            scores[(r.position, r.layer)] = replace(scores[(r.position, r.layer)], kl=r.kl)
+            eligible += r.kl <= rule.max_kl
+        if eligible >= rule.top_k:
+            break
+    return [scores[k] for k in keys]

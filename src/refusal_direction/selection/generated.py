@@ -92,8 +92,8 @@ def prefilter(scores: Sequence[CandidateScore], n_layers: int,
     """(the ``top_k`` eligible candidates by ascending bypass score, the others with their reason codes)."""
     eligible, discarded = [], []
     for s in scores:
-        if math.isnan(s.bypass) or math.isnan(s.kl):
-            discarded.append((s, (NAN,)))
+        if math.isnan(s.bypass) or math.isnan(s.kl):  # finite bypass, NaN KL: not needed (lazy strategy)
+            discarded.append((s, (NOT_TOP_K if math.isfinite(s.bypass) else NAN,)))
             continue
         reasons = tuple(code for code, bad in ((LATE_LAYER, s.layer >= rule.max_layer(n_layers)),
                                                (HIGH_KL, s.kl > rule.max_kl)) if bad)
