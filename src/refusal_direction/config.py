@@ -44,12 +44,20 @@ _LATER_FIELDS = ("xstest", "n_xstest", "judge")
 KL_THRESHOLD = 0.1  # discard candidates whose KL score is above this
 INDUCE_THRESHOLD = 0.0  # discard candidates whose induce score is below this
 PRUNE_LAYER_FRACTION = 0.2  # discard layers >= int(n_layers * (1 - this))
+# The generation rule (the default; docs/SELECTION.md says why): the lowest generated refusal rate among the
+# SELECT_TOP_K best-bypass candidates with KL <= SELECT_MAX_KL, ties broken by KL.
+SELECT_RULES = ("generation", "paper")
+SELECT_MAX_KL = 0.25  # generation rule: discard candidates whose KL score is above this
+SELECT_TOP_K = 16  # generation rule: candidates (best bypass scores) whose ablated generations are judged
+SELECT_NEW_TOKENS = 32  # generation rule: greedy tokens per validation prompt and candidate
+MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the set) prompts of each kind
 
 # The `demo` command: an offline CPU run (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
+# Only budget knobs differ from `replicate`: the selection rule and its thresholds are the defaults.
 DEMO_SETTINGS = {
     "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
-    "n_val": 12, "filter_val": False, "induce_relative": True, "induce_threshold": 0.0, "kl_threshold": 0.25,
+    "n_val": 16, "select_top_k": 6,
     "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
     "safety": False, "capability": False, "xstest": False,
 }
@@ -98,9 +106,19 @@ class RunConfig:
     select_layers: str | None = _f(None, "selection: layers to score, 'start:stop:step' or '6,9,12' (default all)")
     induce_relative: bool = _f(False, "selection: induce threshold is relative to the unintervened harmless "
                                       "metric (the addition must raise refusal log-odds by this much)")
-    select_strategy: str = _f("full", "full (score every candidate) | lazy (bypass for all, induce/KL in bypass "
-                                      "order until the first survivor: same choice, fewer forwards)")
+    select_strategy: str = _f("full", "full (score every candidate) | lazy (bypass for all, then induce/KL (paper "
+                                      "rule) or KL (generation rule) in bypass order only as far as the choice "
+                                      "needs: same choice, fewer forwards)")
     filter_val: bool = _f(True, "selection: keep harmful val items the model refuses, harmless ones it does not")
+    min_val_prompts: int = _f(MIN_VAL_PROMPTS, "selection: the validation filter keeps at least min(this, half the "
+                                               "set) of each kind, topping up by refusal metric rank")
+    select_rule: str = _f("generation", "generation (lowest generated refusal rate among top-k candidates with "
+                                        "KL <= select_max_kl) | paper (lowest bypass score after the paper's filters)")
+    select_max_kl: float = _f(SELECT_MAX_KL, "generation rule: discard candidates with KL above this")
+    select_top_k: int = _f(SELECT_TOP_K, "generation rule: candidates (best bypass score) judged by generation")
+    select_new_tokens: int = _f(SELECT_NEW_TOKENS, "generation rule: greedy tokens per validation prompt")
+    refusal_tokens: tuple[str, ...] | None = _f(None, "refusal words for the refusal metric (e.g. ['I'] as in the "
+                                                      "paper for gemma); default: derived from the model's answers")
     # generation
     conditions: tuple[str, ...] = _f(ALL_CONDITIONS, f"conditions to generate, from {', '.join(ALL_CONDITIONS)}")
     actadd_coeff: float = _f(1.0, "activation addition coefficient c (harmless_actadd: +c r; actadd_negative: -c r)")
@@ -240,7 +258,8 @@ def validate(c: RunConfig) -> list[str]:
         if isinstance(value, float) and not math.isfinite(value):
             p.append(f"{f.name}={value!r}: expected a finite number (the default is {f.default!r})")
     for name in ("n_train", "n_val", "n_eval", "n_harmless_eval", "max_new_tokens", "batch_size",
-                 "safety_batch_size", "refusal_first_n_tokens"):
+                 "safety_batch_size", "refusal_first_n_tokens", "min_val_prompts", "select_top_k",
+                 "select_new_tokens"):
         if getattr(c, name) < 1:
             p.append(f"{name}={getattr(c, name)} must be at least 1")
     if c.select not in ("fixed", "auto", "default"):
@@ -267,6 +286,10 @@ def validate(c: RunConfig) -> list[str]:
             p.append(f"select_layers={c.select_layers!r}: use 'start:stop:step' (e.g. '6:19:3') or a list '6,9,12'")
     if c.select_strategy not in ("full", "lazy"):
         p.append(f"select_strategy={c.select_strategy!r}: use full or lazy")
+    if c.select_rule not in SELECT_RULES:
+        p.append(f"select_rule={c.select_rule!r}: use {' or '.join(SELECT_RULES)}")
+    if c.refusal_tokens is not None and not c.refusal_tokens:
+        p.append("refusal_tokens=[] is empty: give refusal words (e.g. ['I', 'Sorry']) or remove the key")
     if c.generation_backend not in ("auto", "hf", "fast"):
         p.append(f"generation_backend={c.generation_backend!r}: use auto, hf or fast")
     if c.safety_mode not in ("logprob", "generate"):

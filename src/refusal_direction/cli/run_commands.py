@@ -31,6 +31,7 @@ def replicate(
     layer: int | None = typer.Option(None, help="direction layer (gemma-2b-it default 10)"),
     position: int | None = typer.Option(None, help="direction position, negative (gemma-2b-it default -2)"),
     select: str | None = typer.Option(None, help="fixed | auto | default [default]"),
+    select_rule: str | None = typer.Option(None, help="automatic selection rule: generation | paper [generation]"),
     conditions: str | None = typer.Option(None, help="comma-separated conditions "
                                                         "[baseline,ablation,actadd_negative,harmless_baseline,harmless_actadd]"),
     stop_at_end_of_turn: bool | None = typer.Option(None, "--stop-at-end-of-turn/--no-stop-at-end-of-turn",
@@ -57,7 +58,8 @@ def replicate(
     overrides = _overrides(model=model, data_dir=data_dir, harmful_train=harmful_train, harmless_train=harmless_train,
                            eval=eval, n_train=n_train, n_val=n_val, n_eval=n_eval, n_harmless_eval=n_harmless_eval,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
-                           select=select, conditions=conditions, stop_at_end_of_turn=stop_at_end_of_turn,
+                           select=select, select_rule=select_rule, conditions=conditions,
+                           stop_at_end_of_turn=stop_at_end_of_turn,
                            device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
                            direction_file=direction_file, device_map=device_map, max_memory=max_memory,
                            xstest=xstest, n_xstest=n_xstest, judge=judge,

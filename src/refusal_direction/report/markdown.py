@@ -122,6 +122,33 @@ def _selection_text(selected_by: str | None, selection: dict | None) -> str:
                 vals.append(f"{label} {v:.3g}")
         if vals:
             text += "; chosen scores: " + ", ".join(vals)
+    return text + _rule_text(selection)
+
+
+def _rule_text(selection: dict) -> str:
+    """The selection rule with its thresholds, and the validation filter's counts (selection.json)."""
+    t, gen, val = selection.get("thresholds") or {}, selection.get("generation") or {}, selection.get("validation")
+    chosen = selection.get("chosen") or {}
+    text = ""
+    if selection.get("rule") == "generation" and gen:
+        text += (f". Rule: generation — the lowest refusal rate of greedy answers ({t.get('new_tokens')} tokens) to "
+                 f"the harmful validation prompts with the candidate ablated, among the {t.get('top_k')} best-bypass "
+                 f"candidates with KL ≤ {t.get('max_kl')} (ties: lower KL); chosen refuses {chosen.get('n_refused')}"
+                 f"/{gen.get('n_prompts')} (unablated {gen.get('baseline_refused')}/{gen.get('n_prompts')})")
+    elif selection.get("rule") == "paper":
+        text += (f". Rule: paper — lowest bypass score with KL ≤ {t.get('kl_threshold')}, induce ≥ "
+                 f"{t.get('induce_threshold')}")
+    if isinstance(val, dict) and selection.get("filter_val"):
+        text += (f". Validation filter: {val.get('n_harmful_passed')}/{val.get('n_harmful')} harmful and "
+                 f"{val.get('n_harmless_passed')}/{val.get('n_harmless')} harmless passed; scored on "
+                 f"{val.get('n_harmful_used')} + {val.get('n_harmless_used')}"
+                 + (f" (topped up by metric rank to the minimum, min_val_prompts={val.get('min_prompts')})"
+                    if val.get("topped_up") else ""))
+    tokens = selection.get("refusal_tokens")
+    if isinstance(tokens, dict) and tokens.get("texts"):
+        cov = tokens.get("coverage")
+        text += (f". Refusal tokens ({tokens.get('source')}): {inline(', '.join(repr(x) for x in tokens['texts']))}"
+                 + (f", {cov:.0%} of {tokens.get('n_refusals')} refusals" if isinstance(cov, (int, float)) else ""))
     return text
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from ..config import parse_layers
@@ -41,41 +42,134 @@ def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections 
 
 
 def select_direction(run: Run, samples: Samples, candidates: CandidateDirections) -> tuple[int, int]:
-    from .. import selection
+    """Automatic selection by ``select_rule`` (docs/SELECTION.md); writes selection.json and the heatmaps."""
     from ..report.selection_figure import plot_selection_heatmaps
 
-    lm, c = run.lm, run.config
+    c = run.config
     t0 = time.perf_counter()
-    harmful_val, harmless_val = [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val]
-    if c.filter_val:
-        harmful_val, harmless_val = selection.filter_validation(lm, harmful_val, harmless_val,
-                                                                batch_size=c.batch_size)
+    tokens = _refusal_tokens(run, samples)
+    val = _validation(run, samples, tokens.ids)
     layers = parse_layers(c.select_layers, candidates.n_layers) if c.select_layers else None
-    induce_threshold = c.induce_threshold
-    baseline_harmless = None
-    if c.induce_relative:
-        baseline_harmless = float(selection.refusal_metrics(lm, harmless_val, batch_size=c.batch_size).mean())
-        induce_threshold = baseline_harmless + c.induce_threshold
-        log.info("induce threshold relative to the unintervened harmless metric %.3f: %.3f", baseline_harmless,
-                 induce_threshold)
-    thresholds = selection.SelectionThresholds(kl_threshold=c.kl_threshold, induce_threshold=induce_threshold,
-                                               prune_layer_fraction=c.prune_layer_fraction)
-    if c.select_strategy == "lazy":
-        result, scores = selection.select_lazy(lm, candidates, harmful_val, harmless_val, thresholds, layers,
-                                               progress=run.progress)
+    if c.select_rule == "paper":
+        result, scores, thresholds, record = _select_paper(run, candidates, val, tokens.ids, layers)
     else:
-        scores = selection.score_candidates(lm, candidates, harmful_val, harmless_val, progress=run.progress,
-                                            layers=layers)
-        result = selection.filter_and_rank(scores, candidates.n_layers, thresholds)
+        result, scores, thresholds, record = _select_generation(run, candidates, val, tokens.ids, layers)
     run.timing("select_s", time.perf_counter() - t0)
     (run.out / "figures").mkdir(exist_ok=True)
     plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
                             run.out / "figures" / "selection_heatmaps.png",
                             chosen=(result.position, result.layer), thresholds=thresholds)
     atomic_write_json(run.out / "selection.json", {
-        **selection.result_to_json(result, scores), "strategy": c.select_strategy,
-        "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val), "filter_val": c.filter_val,
+        **record, "strategy": c.select_strategy,
+        "n_harmful_val": len(val.harmful), "n_harmless_val": len(val.harmless), "filter_val": c.filter_val,
+        "validation": val.to_json(), "refusal_tokens": tokens.to_json(),
         "layers_scored": sorted({s.layer for s in scores}), "induce_relative": c.induce_relative,
-        "baseline_harmless_metric": baseline_harmless,
     })
+    log.info("selection (%s rule) in %.1fs: layer %d, position %d", c.select_rule, time.perf_counter() - t0,
+             result.layer, result.position)
     return result.position, result.layer
+
+
+def _refusal_tokens(run: Run, samples: Samples):
+    """The config's refusal words, else the first tokens of the model's own greedy refusals of the harmful
+    training prompts (`selection.tokens`)."""
+    from ..core.interventions import Baseline
+    from ..evaluation.refusal import is_refusal
+    from ..generation import GenerationSettings, generate_all
+    from ..selection.tokens import configured_refusal_tokens, derive_refusal_tokens
+
+    c = run.config
+    if c.refusal_tokens:
+        return configured_refusal_tokens(run.lm, c.refusal_tokens)
+    t0 = time.perf_counter()
+    settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
+    answers = generate_all(run.lm, [i.text for i in samples.harmful_train], [Baseline("refusal_tokens")], settings,
+                           progress=run.progress, backend=c.generation_backend)["refusal_tokens"]
+    tokens = derive_refusal_tokens(run.lm, answers, is_refusal)
+    run.timing("refusal_tokens_s", time.perf_counter() - t0)
+    return tokens
+
+
+def _validation(run: Run, samples: Samples, refusal_ids: list[int]):
+    """The validation prompts to score on: filtered (with a floor of min_val_prompts per kind) or all."""
+    from .. import selection
+
+    c = run.config
+    harmful, harmless = [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val]
+    if not c.filter_val:
+        n, m = len(harmful), len(harmless)
+        return selection.FilteredValidation(harmful, harmless, n, m, n, m, None)
+    return selection.filter_validation_checked(run.lm, harmful, harmless, refusal_ids, c.batch_size,
+                                               c.min_val_prompts)
+
+
+def _select_paper(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers):
+    """The paper's rule: lowest bypass score among candidates with KL <= kl_threshold, induce >= threshold and an
+    early enough layer."""
+    from .. import selection
+
+    lm, c = run.lm, run.config
+    induce_threshold, baseline_harmless = c.induce_threshold, None
+    if c.induce_relative:
+        baseline_harmless = float(selection.refusal_metrics(lm, val.harmless, refusal_ids, c.batch_size).mean())
+        induce_threshold = baseline_harmless + c.induce_threshold
+        log.info("induce threshold relative to the unintervened harmless metric %.3f: %.3f", baseline_harmless,
+                 induce_threshold)
+    thresholds = selection.SelectionThresholds(kl_threshold=c.kl_threshold, induce_threshold=induce_threshold,
+                                               prune_layer_fraction=c.prune_layer_fraction)
+    if c.select_strategy == "lazy":
+        result, scores = selection.select_lazy(lm, candidates, val.harmful, val.harmless, thresholds, layers,
+                                               refusal_ids=refusal_ids, progress=run.progress)
+    else:
+        scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
+                                            progress=run.progress, layers=layers)
+        result = selection.filter_and_rank(scores, candidates.n_layers, thresholds)
+    record = {**selection.result_to_json(result, scores), "rule": "paper",
+              "baseline_harmless_metric": baseline_harmless}
+    return result, scores, thresholds, record
+
+
+def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers):
+    """The generation rule: bypass and KL from the sweep, then the top-k eligible candidates judged by their
+    ablated greedy answers to the harmful validation prompts (`selection.generated`)."""
+    from .. import selection
+    from ..generation import GenerationSettings
+
+    lm, c = run.lm, run.config
+    rule = selection.GenerationRule(c.select_max_kl, c.select_top_k, c.prune_layer_fraction, c.select_new_tokens)
+    if c.select_strategy == "lazy":
+        scores = _lazy_bypass_kl(run, candidates, val, refusal_ids, layers, rule)
+    else:
+        scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
+                                            progress=run.progress, layers=layers, kinds=("bypass", "kl"))
+    settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
+    result = selection.select_by_generation(lm, candidates, scores, val.harmful, rule, settings,
+                                            c.generation_backend, run.progress)
+    thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
+                                               prune_layer_fraction=c.prune_layer_fraction)
+    return result, scores, thresholds, selection.generation_result_to_json(result, scores)
+
+
+def _lazy_bypass_kl(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers, rule):
+    """Bypass for every unpruned candidate, KL in ascending bypass order until ``top_k`` have KL <= max_kl: the
+    pre-filter keeps the same candidates as with KL for all (unevaluated ones keep NaN KL)."""
+    from dataclasses import replace
+
+    from .. import selection
+
+    lm, max_layer = run.lm, rule.max_layer(candidates.n_layers)
+    layers = [x for x in (range(candidates.n_layers) if layers is None else layers) if x < max_layer]
+    keys = [(p, x) for p in candidates.positions for x in layers]
+    scores = {(s.position, s.layer): s for s in selection.score_candidates(
+        lm, candidates, val.harmful, val.harmless, refusal_ids, progress=run.progress, keys=keys, kinds=("bypass",))}
+    order = sorted((k for k, s in scores.items() if math.isfinite(s.bypass)), key=lambda k: scores[k].bypass)
+    eligible = 0
+    for start in range(0, len(order), rule.top_k):
+        chunk = order[start:start + rule.top_k]
+        for r in selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids, keys=chunk,
+                                            kinds=("kl",)):
+            scores[(r.position, r.layer)] = replace(scores[(r.position, r.layer)], kl=r.kl)
+            eligible += r.kl <= rule.max_kl
+        if eligible >= rule.top_k:
+            break
+    return [scores[k] for k in keys]

@@ -8,6 +8,7 @@ Refusal tokens come from the tokenizer: the first token of each refusal word as 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -85,21 +86,73 @@ def refusal_metrics(
     return torch.tensor(run_batched(step, seqs, batch_size, "refusal metric", progress), dtype=torch.float64)
 
 
-def filter_validation(
+@dataclass(frozen=True)
+class FilteredValidation:
+    """The validation prompts selection scores on, and how many the filter kept before any top-up."""
+
+    harmful: list[str]
+    harmless: list[str]
+    n_harmful: int  # before the filter
+    n_harmless: int
+    n_harmful_passed: int  # passed the filter (refused: metric > 0)
+    n_harmless_passed: int  # passed the filter (not refused: metric < 0)
+    min_prompts: int | None  # the stated minimum per kind (None: no top-up, the paper's filter)
+
+    @property
+    def topped_up(self) -> bool:
+        return len(self.harmful) > self.n_harmful_passed or len(self.harmless) > self.n_harmless_passed
+
+    def to_json(self) -> dict:
+        return {"n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
+                "n_harmful_passed": self.n_harmful_passed, "n_harmless_passed": self.n_harmless_passed,
+                "n_harmful_used": len(self.harmful), "n_harmless_used": len(self.harmless),
+                "min_prompts": self.min_prompts, "topped_up": self.topped_up}
+
+
+def required_prompts(min_prompts: int, n: int) -> int:
+    """The filter's floor for a set of ``n`` prompts: min(min_prompts, half the set), at least 1."""
+    return max(1, min(min_prompts, n // 2))
+
+
+def _keep(items: Sequence[str], metrics: Sequence[float], passes, floor: int, descending: bool) -> list[str]:
+    """Items whose metric passes, topped up by metric rank (most refused first if ``descending``) to ``floor``;
+    in their original order."""
+    keep = {i for i, m in enumerate(metrics) if passes(m)}
+    ranked = sorted(range(len(items)), key=lambda i: -metrics[i] if descending else metrics[i])
+    for i in ranked:
+        if len(keep) >= floor:
+            break
+        keep.add(i)
+    return [items[i] for i in sorted(keep)]
+
+
+def filter_validation_checked(
     lm: LoadedModel,
     harmful: Sequence[str],
     harmless: Sequence[str],
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 32,
-) -> tuple[list[str], list[str]]:
-    """Keep harmful instructions the model refuses (metric > 0) and harmless ones it does not (< 0)."""
+    min_prompts: int | None = None,
+) -> FilteredValidation:
+    """The validation filter, which cannot collapse silently: keep harmful instructions the model refuses
+    (metric > 0) and harmless ones it does not (< 0); where fewer than ``required_prompts(min_prompts, n)``
+    pass, warn with the counts and top up by metric rank. ``min_prompts=None``: no top-up (the paper's)."""
     refusal_ids = list(refusal_ids) if refusal_ids is not None else default_refusal_ids(lm)
-    m_harmful = refusal_metrics(lm, harmful, refusal_ids, batch_size)
-    m_harmless = refusal_metrics(lm, harmless, refusal_ids, batch_size)
-    kept_harmful = [x for x, m in zip(harmful, m_harmful.tolist()) if m > 0]
-    kept_harmless = [x for x, m in zip(harmless, m_harmless.tolist()) if m < 0]
+    m_harmful = refusal_metrics(lm, harmful, refusal_ids, batch_size).tolist()
+    m_harmless = refusal_metrics(lm, harmless, refusal_ids, batch_size).tolist()
+    passed = sum(m > 0 for m in m_harmful), sum(m < 0 for m in m_harmless)
+    floors = (0, 0) if min_prompts is None else (required_prompts(min_prompts, len(harmful)),
+                                                 required_prompts(min_prompts, len(harmless)))
+    kept_harmful = _keep(harmful, m_harmful, lambda m: m > 0, floors[0], descending=True)
+    kept_harmless = _keep(harmless, m_harmless, lambda m: m < 0, floors[1], descending=False)
     log.info("validation filter: kept %d/%d harmful (refused) and %d/%d harmless (not refused)",
-             len(kept_harmful), len(harmful), len(kept_harmless), len(harmless))
+             passed[0], len(harmful), passed[1], len(harmless))
+    for kind, n_pass, n, floor in (("harmful", passed[0], len(harmful), floors[0]),
+                                   ("harmless", passed[1], len(harmless), floors[1])):
+        if n_pass < floor:
+            log.warning("validation filter: only %d of %d %s prompts passed (minimum %d = min(min_val_prompts=%d, "
+                        "half the set)); topped up to %d by refusal metric rank (refusal tokens %s)", n_pass, n,
+                        kind, floor, min_prompts, floor, refusal_ids)
     if not kept_harmful or not kept_harmless:
         raise UserError(
             f"after filtering, {len(kept_harmful)} harmful and {len(kept_harmless)} harmless validation "
@@ -107,4 +160,18 @@ def filter_validation(
             f"tokens {refusal_ids}); the model may not refuse, or its answers may not start with these "
             "tokens. Use more validation instructions, other refusal tokens, or select the direction by "
             "hand (--select fixed --layer L --position P)")
-    return kept_harmful, kept_harmless
+    return FilteredValidation(kept_harmful, kept_harmless, len(harmful), len(harmless), passed[0], passed[1],
+                              min_prompts)
+
+
+def filter_validation(
+    lm: LoadedModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> tuple[list[str], list[str]]:
+    """The paper's filter: keep harmful instructions the model refuses (metric > 0) and harmless ones it does
+    not (< 0); raises UserError when a kind is left empty."""
+    kept = filter_validation_checked(lm, harmful, harmless, refusal_ids, batch_size)
+    return kept.harmful, kept.harmless
