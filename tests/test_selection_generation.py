@@ -169,7 +169,8 @@ def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch, strategy):
     assert tokens["n_prompts"] == 8
     val = sel["validation"]
     assert val["n_harmful"] == 6 and val["n_harmful_used"] >= 3 and val["min_prompts"] == 16
-    assert sel["n_harmful_val"] == val["n_harmful_used"] == sel["generation"]["n_prompts"]
+    assert sel["n_harmful_val"] == val["n_harmful_used"]
+    assert sel["generation"]["n_prompts"] == val["n_harmful"]  # judged on every harmful validation prompt
     chosen = sel["chosen"]
     assert sel["survivors"][0]["layer"] == chosen["layer"] and 0 <= chosen["refusal_rate"] <= 1
     assert len(sel["survivors"]) == 2 and sel["thresholds"]["new_tokens"] == 4 and sel["strategy"] == strategy

@@ -48,7 +48,7 @@ PRUNE_LAYER_FRACTION = 0.2  # discard layers >= int(n_layers * (1 - this))
 # SELECT_TOP_K best-bypass candidates with KL <= SELECT_MAX_KL, ties broken by KL.
 SELECT_RULES = ("generation", "paper")
 SELECT_MAX_KL = 0.25  # generation rule: discard candidates whose KL score is above this
-SELECT_TOP_K = 16  # generation rule: candidates (best bypass scores) whose ablated generations are judged
+SELECT_TOP_K = 32  # generation rule: candidates (best bypass scores) whose ablated generations are judged
 SELECT_NEW_TOKENS = 32  # generation rule: greedy tokens per validation prompt and candidate
 MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the set) prompts of each kind
 

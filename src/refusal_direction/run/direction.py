@@ -53,7 +53,8 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
     if c.select_rule == "paper":
         result, scores, thresholds, record = _select_paper(run, candidates, val, tokens.ids, layers)
     else:
-        result, scores, thresholds, record = _select_generation(run, candidates, val, tokens.ids, layers)
+        judged_on = [i.text for i in samples.harmful_val]  # every harmful val prompt, not only the filtered
+        result, scores, thresholds, record = _select_generation(run, candidates, val, tokens.ids, layers, judged_on)
     run.timing("select_s", time.perf_counter() - t0)
     (run.out / "figures").mkdir(exist_ok=True)
     plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
@@ -129,9 +130,11 @@ def _select_paper(run: Run, candidates: CandidateDirections, val, refusal_ids: l
     return result, scores, thresholds, record
 
 
-def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers):
-    """The generation rule: bypass and KL from the sweep, then the top-k eligible candidates judged by their
-    ablated greedy answers to the harmful validation prompts (`selection.generated`)."""
+def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers,
+                       judged_on: list[str]):
+    """The generation rule: bypass and KL from the sweep (on the filtered validation prompts), then the top-k
+    eligible candidates judged by their ablated greedy answers to ``judged_on`` (every harmful validation prompt:
+    a prompt the model answers anyway adds no refusals, one it refuses is the signal) (`selection.generated`)."""
     from .. import selection
     from ..generation import GenerationSettings
 
@@ -143,7 +146,7 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
         scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
                                             progress=run.progress, layers=layers, kinds=("bypass", "kl"))
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    result = selection.select_by_generation(lm, candidates, scores, val.harmful, rule, settings,
+    result = selection.select_by_generation(lm, candidates, scores, judged_on, rule, settings,
                                             c.generation_backend, run.progress)
     thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
                                                prune_layer_fraction=c.prune_layer_fraction)
