@@ -87,16 +87,23 @@ def test_first_trial_is_the_papers_dim_ablation(optimized):
 
 
 def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
+    from refusal_direction.run.optimize import OptimizeSettings, optimize_main
+    from refusal_direction.run.outdir import release_all_locks
+
     model, out, toml = optimized
     db = out / "optimize" / "study.db"
     before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
-    cli("optimize", "--model", model, "--out", out, "--config", toml, "--trials", "7", "--one-at-a-time",
-        "--no-export", *FAST)
+    settings = OptimizeSettings(trials=7, batch_trials=3, one_at_a_time=True, search_tokens=3, n_xstest=2,
+                                export=False)
+    try:  # in-process (the CLI is tested above): the same entry point, without a second interpreter start
+        optimize_main(out, str(model), toml, settings, force=False)
+    finally:
+        release_all_locks()
     after = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
     assert len(after) == 7 and all(after[n] == v for n, v in before.items())
     speed = json.loads((out / "optimize" / "summary.json").read_text())["speed"]
-    assert speed["batched"]["trials"] == 5 and speed["one_at_a_time"] == {**speed["one_at_a_time"], "trials": 2,
-                                                                          "batch_trials": 1}
+    assert speed["batched"]["trials"] == 5 and speed["batched"]["batch_trials"] == 3
+    assert speed["one_at_a_time"]["trials"] == 2 and speed["one_at_a_time"]["batch_trials"] == 1
     assert speed["speedup"] > 0
 
 
@@ -123,7 +130,7 @@ def test_batched_evaluation_equals_one_at_a_time(tiny_lm, tiny_candidates):
     for iv, score in zip(ivs, together):
         alone = ev.evaluate([iv])[0]
         assert (alone.n_refusals, alone.n_harmful) == (score.n_refusals, score.n_harmful)
-        assert alone.kl == pytest.approx(score.kl, rel=1e-6, abs=1e-9)
+        assert alone.kl == pytest.approx(score.kl, rel=1e-5, abs=1e-9)  # float32: batch shape moves the last bits
         assert score.kl > 0
 
 

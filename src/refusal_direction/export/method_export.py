@@ -22,9 +22,9 @@ from ..core.interventions import apply_intervention
 from ..core.model import LoadedModel, find_blocks
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
-from .method_edits import method_weights_
 from .card import EXPORT_INFO, _move_into_place
 from .card import check_out_dir as _check_out_dir
+from .method_edits import method_weights_
 from .verify import _greedy
 
 

@@ -176,9 +176,9 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
     front, chosen = write_front(run, study, s)
     final = exported = None
     if chosen is not None:
-        final = final_evaluation(run, samples, candidates, direction, chosen, s)
+        final = final_evaluation(run, samples, candidates, direction, chosen, s, optimize_dir(run))
         if s.export:
-            exported = export_chosen(run, samples, candidates, chosen)
+            exported = export_chosen(run, samples, candidates, chosen, optimize_dir(run))
     n_failed = sum(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False))
     summary = {"schema_version": 1, "model": run.config.model, "settings": asdict(s),
                "sampler": "optuna TPESampler (multi-objective, constant_liar, multivariate, group)",

@@ -16,6 +16,7 @@ weight, which a low-rank adapter reproduces only for the rank-k subspace form.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..core.decoding import GenerationSettings
 from ..core.interventions import DirectionalAblation
@@ -54,16 +55,15 @@ def _final_rows(records: dict, kls: dict) -> list[dict]:
     return rows
 
 
-def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s) -> dict:
-    """final.json's content for ``chosen`` (reused when it is the same trial with the same settings)."""
+def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, out: Path) -> dict:
+    """``out``/final.json's content for ``chosen`` (reused when it is the same trial with the same settings)."""
     from ..evaluation.judges import get_judge
     from ..generation import generate_all
     from ..report.optimize import final_markdown
     from ..search import build_intervention
-    from .optimize import optimize_dir
 
     c, lm = run.config, run.lm
-    path = optimize_dir(run) / "final.json"
+    path = out / "final.json"
     key = {"trial": chosen["number"], "n_xstest": s.n_xstest, "max_new_tokens": c.max_new_tokens, "judge": c.judge}
     if path.is_file():
         saved = read_json(path, "run file")
@@ -89,20 +89,19 @@ def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s) 
               "chosen": chosen, "dim": {"layer": direction.layer, "position": direction.position},
               "records": records, "kl_per_prompt": kls}
     atomic_write_json(path, result)
-    atomic_write_text(optimize_dir(run) / "final.md", final_markdown(result["rows"], c.judge))
+    atomic_write_text(out / "final.md", final_markdown(result["rows"], c.judge))
     return result
 
 
-def export_chosen(run: Run, samples, candidates, chosen: dict) -> dict:
-    """Export the chosen edit's weights to optimize/export (replacing a previous choice's) and verify them."""
+def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
+    """Export the chosen edit's weights to ``d``/export (replacing a previous choice's) and verify them."""
     from ..export import default_tol, load_exported
     from ..export.method_export import export_method_model, verify_method_export
     from ..search import build_intervention
-    from .optimize import optimize_dir
 
     lm, c = run.lm, run.config
-    out = optimize_dir(run) / "export"
-    record_path = optimize_dir(run) / "export.json"
+    out = d / "export"
+    record_path = d / "export.json"
     if record_path.is_file() and out.is_dir():
         saved = read_json(record_path, "run file")
         if saved.get("trial") == chosen["number"]:
