@@ -184,3 +184,47 @@ def test_missing_optuna_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(UserError, match=r"pip install 'refusal-direction\[search\]'"):
         import_optuna()
+
+
+def _count(db, state: str) -> int:
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_study_then_rerun_continues(optimized, tmp_path):
+    """SIGKILL a study between its told trials (a batch in flight), re-run: the study continues from there."""
+    import signal
+    import time
+
+    model, out, toml = optimized
+    run = tmp_path / "killed"
+    db = run / "optimize" / "study.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "refusal_direction", "optimize", "--model", str(model), "--out", str(run),
+            "--config", str(toml), "--no-export", *FAST]
+    proc = subprocess.Popen([*args, "--trials", "200"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _count(db, "COMPLETE") < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    done = _count(db, "COMPLETE")
+    assert done >= 4
+    before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
+    subprocess.run([*args, "--trials", str(done + 3)], env=env, check=True, capture_output=True, timeout=600)
+    study = open_study(db, seed=0)
+    after = {t.number: t.values for t in complete_trials(study)}
+    assert len(after) == done + 3 and all(after[n] == v for n, v in before.items())
+    assert _count(db, "RUNNING") == 0
