@@ -20,7 +20,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "refusal_direction"
 LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("methods",), ("accel",), ("generation",),
-          ("evaluation",), ("selection",), ("export",), ("report",), ("run",), ("bench",), ("cli",), ("__main__",)]
+          ("evaluation",), ("selection",), ("export",), ("search",), ("report",), ("run",), ("bench",), ("cli",),
+          ("__main__",)]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 MAX_LINES = 400
 MIN_FILES = 30  # fewer: the checker is looking at the wrong folder

@@ -22,8 +22,9 @@ from ..core.interventions import apply_intervention
 from ..core.model import LoadedModel, find_blocks
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
+from .card import EXPORT_INFO, _move_into_place
+from .card import check_out_dir as _check_out_dir
 from .method_edits import method_weights_
-from .save import EXPORT_INFO, _check_out_dir, _move_into_place
 from .verify import _greedy
 
 

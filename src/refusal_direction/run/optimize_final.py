@@ -1,0 +1,123 @@
+"""The chosen trial's final evaluation on held-out prompts, beside DiM, and its verified export.
+
+Final evaluation (``optimize/final.json``, ``final.md``): the chosen edit and the paper's DiM ablation (the
+run's selected direction) on the run's JailbreakBench prompts at the run's ``max_new_tokens`` and on XSTest's
+safe prompts, in one `generate_all` call; refusal verdicts by the run's judge (an unreadable verdict counts
+as a refusal) and by the paper's substring match; Wilson 95 % intervals; an exact McNemar test of the
+chosen edit's verdicts against DiM's on the same prompts; next-token KL on the harmless evaluation prompts
+with a bootstrap 95 % interval. It is redone only when the chosen trial changes.
+
+Export (``optimize/export``): the chosen edit's weight form (`export.method_export.export_method_model`),
+then `verify_method_export` (hooked source vs reloaded export; logits within the dtype's tolerance, the same
+greedy tokens). A LoRA adapter is not offered: the kernel and norm-preserving forms edit every writer's full
+weight, which a low-rank adapter reproduces only for the rank-k subspace form.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..core.decoding import GenerationSettings
+from ..core.interventions import DirectionalAblation
+from ..data.instructions import resolve_data_dir
+from ..data.xstest import load_xstest_prompts
+from ..evaluation.bootstrap import bootstrap_ratio
+from ..evaluation.capability import next_token_kl
+from ..evaluation.refusal import is_refusal
+from ..evaluation.stats import mcnemar, rate
+from ..fileio import atomic_write_json, atomic_write_text, read_json
+from .rundir import Run
+
+log = logging.getLogger(__name__)
+
+
+def _records(judge, prompts, gens) -> list[dict]:
+    verdicts = judge.judge([p.text for p in prompts], [g.text for g in gens])
+    return [{"id": p.id, "instruction": p.text, "completion": g.text, "refusal": int(v is not False),
+             "refusal_substring": int(is_refusal(g.text)), "n_tokens": len(g.token_ids)}
+            for p, g, v in zip(prompts, gens, verdicts, strict=True)]
+
+
+def _final_rows(records: dict, kls: dict) -> list[dict]:
+    rows = []
+    for name, rec in records.items():
+        jbb, xs = rec["jailbreakbench"], rec["xstest"]
+        row = {"edit": name, "refusal": rate([r["refusal"] for r in jbb]),
+               "refusal_substring": rate([r["refusal_substring"] for r in jbb]),
+               "over_refusal": rate([r["refusal"] for r in xs]), "kl": bootstrap_ratio(kls[name])}
+        if name != "dim":
+            row["mcnemar_refusal_vs_dim"] = mcnemar([r["refusal"] for r in records["dim"]["jailbreakbench"]],
+                                                    [r["refusal"] for r in jbb])
+            row["mcnemar_over_refusal_vs_dim"] = mcnemar([r["refusal"] for r in records["dim"]["xstest"]],
+                                                         [r["refusal"] for r in xs]) if xs else None
+        rows.append(row)
+    return rows
+
+
+def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, out: Path) -> dict:
+    """``out``/final.json's content for ``chosen`` (reused when it is the same trial with the same settings)."""
+    from ..evaluation.judges import get_judge
+    from ..generation import generate_all
+    from ..report.optimize import final_markdown
+    from ..search import build_intervention
+
+    c, lm = run.config, run.lm
+    path = out / "final.json"
+    key = {"trial": chosen["number"], "n_xstest": s.n_xstest, "max_new_tokens": c.max_new_tokens, "judge": c.judge}
+    if path.is_file():
+        saved = read_json(path, "run file")
+        if saved.get("key") == key:
+            return saved
+    name = f"chosen_trial{chosen['number']}"
+    ivs = {name: build_intervention(lm, candidates, chosen["params"], name, c.prune_layer_fraction),
+           "dim": DirectionalAblation(direction.vector, name="dim")}
+    xstest = load_xstest_prompts("xstest_safe", resolve_data_dir(c.data_dir))[:s.n_xstest] if s.n_xstest else []
+    prompts = list(samples.eval) + list(xstest)
+    settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
+    gens = generate_all(lm, [p.text for p in prompts], list(ivs.values()), settings, progress=run.progress,
+                        backend=c.generation_backend)
+    judge = get_judge(c.judge)
+    n_eval = len(samples.eval)
+    records, kls = {}, {}
+    harmless = [i.text for i in samples.harmless_eval]
+    for n, iv in ivs.items():
+        rows = _records(judge, prompts, gens[n])
+        records[n] = {"jailbreakbench": rows[:n_eval], "xstest": rows[n_eval:]}
+        kls[n] = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)["per_prompt"]
+    result = {"schema_version": 1, "key": key, "judge": c.judge, "rows": _final_rows(records, kls),
+              "chosen": chosen, "dim": {"layer": direction.layer, "position": direction.position},
+              "records": records, "kl_per_prompt": kls}
+    atomic_write_json(path, result)
+    atomic_write_text(out / "final.md", final_markdown(result["rows"], c.judge))
+    return result
+
+
+def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
+    """Export the chosen edit's weights to ``d``/export (replacing a previous choice's) and verify them."""
+    from ..export import default_tol, load_exported
+    from ..export.method_export import export_method_model, verify_method_export
+    from ..search import build_intervention
+
+    lm, c = run.lm, run.config
+    out = d / "export"
+    record_path = d / "export.json"
+    if record_path.is_file() and out.is_dir():
+        saved = read_json(record_path, "run file")
+        if saved.get("trial") == chosen["number"]:
+            return saved
+    iv = build_intervention(lm, candidates, chosen["params"], f"trial{chosen['number']}", c.prune_layer_fraction)
+    export_method_model(lm, iv, out, run_info={"run_dir": str(run.out.resolve()), "optimize_trial": chosen},
+                        force=True)
+    exported = load_exported(out, device=lm.device, dtype=lm.dtype)
+    tol = default_tol(lm.dtype)
+    verify = verify_method_export(lm, exported, iv, [i.text for i in samples.eval[:8]], max_new_tokens=16, tol=tol)
+    del exported
+    log.info("optimize: exported trial %d to %s; verify: max |dlogit| %.3g, agreement %.3f, ok=%s", chosen["number"],
+             out, verify["max_abs_logit_diff"], verify["agreement"], verify["ok"])
+    record = {"trial": chosen["number"], "dir": str(out), "verify": verify}
+    atomic_write_json(record_path, record)
+    return record
+
+
+__all__ = ["final_evaluation", "export_chosen"]

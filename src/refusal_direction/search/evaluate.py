@@ -1,0 +1,116 @@
+"""Both objectives of many trials at once: refusal rate on harmful prompts and next-token KL on harmless ones.
+
+`TrialEvaluator.evaluate(interventions)` scores K interventions together:
+
+- refusal: one `generation.generate_all` call with all K interventions (on CUDA the fast path decodes every
+  trial's rows in one batch; elsewhere HF generate runs them one after another), each completion judged by
+  the run's judge; the objective is the share of refusals (an unreadable verdict counts as a refusal).
+- KL: KL(baseline ‖ trial) of the next-token distribution at the last prompt position (as
+  `evaluation.capability.next_token_kl`), mean over the harmless prompts. The K trials' rows share forward
+  passes: the prompts are repeated once per trial ([K · n, seq], up to ``max_rows`` rows per pass) and every
+  trial's hooks switch on its own rows only. Only the last position's logits are computed. The baseline
+  distribution is computed once per evaluator.
+
+Evaluating a trial alone or among others gives the same values (the switches multiply by exactly 0 or 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..core.decoding import GenerationSettings
+from ..core.interventions import apply_intervention
+from ..core.model import LoadedModel
+from ..evaluation.capability import position_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialScore:
+    """One trial's objectives and the counts behind them."""
+
+    refusal: float  # share of harmful prompts judged a refusal
+    kl: float  # mean next-token KL(baseline ‖ trial) over the harmless prompts, nats
+    n_refusals: int
+    n_harmful: int
+
+
+def _last_logprobs(lm: LoadedModel, enc: dict) -> torch.Tensor:
+    """log-softmax of the last position's logits, [batch, vocab] float64 (only that position is unembedded)."""
+    mask = enc["attention_mask"]
+    out = lm.model(**enc, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
+    return torch.log_softmax(out.logits[:, -1].double(), dim=-1)
+
+
+@dataclass
+class TrialEvaluator:
+    """Scores batches of interventions on fixed prompts (see the module docstring)."""
+
+    lm: LoadedModel
+    harmful: Sequence[str]
+    harmless: Sequence[str]
+    judge: object  # evaluation.judges.Judge
+    settings: GenerationSettings
+    backend: str = "auto"
+    max_rows: int = 512  # rows per KL forward pass
+    _base: torch.Tensor | None = field(default=None, repr=False)  # [n_harmless, vocab]
+    _enc: dict | None = field(default=None, repr=False)
+
+    def _harmless_batch(self, copies: int) -> dict:
+        if self._enc is None:
+            self._enc = self.lm.tokenize(list(self.harmless))
+        return {k: v.repeat(copies, 1) for k, v in self._enc.items()}
+
+    @torch.no_grad()
+    def baseline(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = _last_logprobs(self.lm, self._harmless_batch(1))
+        return self._base
+
+    @torch.no_grad()
+    def kl(self, interventions: Sequence) -> list[float]:
+        """Mean next-token KL per intervention, the trials' rows sharing forward passes."""
+        n = len(self.harmless)
+        base = self.baseline()  # [n, vocab]
+        per_pass = max(1, self.max_rows // max(n, 1))
+        out: list[float] = []
+        for start in range(0, len(interventions), per_pass):
+            chunk = list(interventions[start:start + per_pass])
+            enc = self._harmless_batch(len(chunk))
+            with ExitStack() as stack:
+                for j, iv in enumerate(chunk):
+                    rows = torch.zeros(len(chunk) * n, device=self.lm.device)
+                    rows[j * n:(j + 1) * n] = 1
+                    stack.enter_context(apply_intervention(self.lm, iv, rows))
+                other = _last_logprobs(self.lm, enc).view(len(chunk), n, -1)  # [K, n, vocab]
+            kl = (base.exp() * (base - other)).sum(-1)  # [K, n]
+            out += kl.mean(-1).cpu().tolist()
+        return out
+
+    def refusals(self, interventions: Sequence) -> list[tuple[int, int]]:
+        """(refusals, prompts) per intervention, from one `generate_all` call."""
+        from ..generation import generate_all
+
+        gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend)
+        counts = []
+        for iv in interventions:
+            verdicts = self.judge.judge(list(self.harmful), [g.text for g in gens[iv.name]])
+            counts.append((sum(v is not False for v in verdicts), len(verdicts)))
+        return counts
+
+    def evaluate(self, interventions: Sequence) -> list[TrialScore]:
+        names = [iv.name for iv in interventions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"interventions sharing a batch need unique names, got {names}")
+        counts = self.refusals(interventions)
+        kls = self.kl(interventions)
+        return [TrialScore(k / n if n else float("nan"), kl, k, n) for (k, n), kl in zip(counts, kls, strict=True)]
+
+
+__all__ = ["TrialEvaluator", "TrialScore"]

@@ -1,0 +1,129 @@
+"""The Optuna study: storage, sampler, batched ask/tell, recovery after a kill, the front and the choice.
+
+- Storage: Optuna's RDB storage on one SQLite file (``sqlite:///…/study.db``), ``load_if_exists=True``:
+  every told trial is committed as it is told, so a killed search loses at most the batch in flight.
+- Sampler: Optuna's multi-objective TPE (``constant_liar=True``, so the K trials asked before any is told
+  spread out instead of piling on one point), seeded; both objectives are minimised: (refusal, KL).
+- Batches: ``ask`` K trials, build K interventions, score them together (`TrialEvaluator`), ``tell`` K.
+- Recovery: trials asked but never told (the process was killed) stay RUNNING in the database. On open,
+  `recover_running` marks each FAIL and enqueues its parameters again, so the next batch re-evaluates exactly
+  those points; complete trials and their values are kept. (A resumed sampler restarts its random stream
+  from the seed, so a resumed search is not bit-identical to an uninterrupted one.)
+- Choice rule (`choose`): among the Pareto-front trials with refusal <= ``target``, the one with the lowest
+  KL; if none reaches the target, the lowest refusal (ties: lowest KL). Ties of both: the lowest number.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'refusal-direction[search]'"
+STUDY_NAME = "optimize"
+
+
+def import_optuna():
+    """optuna, or a `UserError` that names the install command."""
+    try:
+        import optuna
+    except ImportError:
+        raise UserError(f"optimize needs Optuna, which is not installed: {INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def open_study(db: Path, seed: int):
+    """Create or reload the study in ``db`` (SQLite), with the seeded multi-objective TPE sampler."""
+    optuna = import_optuna()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
+    return optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}", sampler=sampler,
+                               directions=["minimize", "minimize"], load_if_exists=True)
+
+
+def recover_running(study) -> int:
+    """Mark RUNNING trials (asked, never told: the last process was killed) FAIL and re-enqueue their params."""
+    optuna = import_optuna()
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if t.params:
+            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    if stale:
+        log.info("optimize: %d trial(s) were asked but never told (killed run): marked FAIL, parameters re-enqueued",
+                 len(stale))
+    return len(stale)
+
+
+def complete_trials(study) -> list:
+    optuna = import_optuna()
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def pareto_front(study) -> list:
+    """The non-dominated complete trials (refusal, KL), by refusal then KL."""
+    return sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+def choose(front: list, target: float):
+    """The chosen trial of the module docstring's rule; None for an empty front."""
+    if not front:
+        return None
+    reached = [t for t in front if t.values[0] <= target + 1e-12]
+    if reached:
+        return min(reached, key=lambda t: (t.values[1], t.number))
+    return min(front, key=lambda t: (t.values[0], t.values[1], t.number))
+
+
+def run_batches(study, n_trials: int, batch_trials: int, suggest: Callable, build: Callable, evaluate: Callable,
+                progress: bool = False) -> dict:
+    """Ask/evaluate/tell until ``n_trials`` trials are complete; {"told", "seconds", "trials_per_s"}.
+
+    ``suggest(trial) -> params``, ``build(params, name) -> intervention``,
+    ``evaluate([interventions]) -> [TrialScore]``.
+    """
+    if batch_trials < 1:
+        raise UserError(f"batch size {batch_trials} must be at least 1")
+    todo = max(0, n_trials - len(complete_trials(study)))
+    bar = _bar(todo, progress)
+    told, t0 = 0, time.perf_counter()
+    try:
+        while told < todo:
+            trials = [study.ask() for _ in range(min(batch_trials, todo - told))]
+            ivs = [build(suggest(t), f"trial{t.number}") for t in trials]
+            for t, score in zip(trials, evaluate(ivs), strict=True):
+                t.set_user_attr("n_refusals", score.n_refusals)
+                t.set_user_attr("n_harmful", score.n_harmful)
+                study.tell(t, [score.refusal, score.kl])
+            told += len(trials)
+            rate = told / (time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(len(trials))
+                bar.set_postfix_str(f"{rate:.2f} trials/s")
+            log.info("optimize: %d/%d trials, %.2f trials/s; front (refusal, KL): %s", told, todo, rate,
+                     ", ".join(f"({t.values[0]:.3f}, {t.values[1]:.4f})" for t in pareto_front(study)[:6]))
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    return {"told": told, "seconds": seconds, "trials_per_s": told / seconds if told else None}
+
+
+def _bar(total: int, progress: bool):
+    if not progress or not total:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="optimize", unit="trial")
+
+
+__all__ = ["INSTALL", "import_optuna", "open_study", "recover_running", "complete_trials", "pareto_front",
+           "choose", "run_batches"]
