@@ -40,21 +40,24 @@ for step in "$@"; do
       python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)";;
     auto)  # #14/#15: automatic selection with no config, the paper's protocol, XSTest conditions
       time rd replicate --model $GGUF --select auto --out $RUNS/auto --json > $RUNS/auto.summary.json
-      keep auto $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
+      keep auto $RUNS/auto/figures/selection_heatmaps.png $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
            $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log;;
     compare)  # #16: every method on one harness
       time rd compare --model $GGUF --out $RUNS/compare
       keep compare $RUNS/compare/compare/table.json $RUNS/compare/compare/table.md $RUNS/compare/compare/pareto.png \
            $RUNS/compare/compare/report.md $RUNS/compare/timings.json;;
-    offload)  # #18: the model does not fit on the GPU (CPU offload), reduced budget
-      time rd replicate --model $GGUF --select auto --out $RUNS/offload --device-map auto \
-          --max-memory 0=300MiB,cpu=64GiB --no-safety --no-xstest --n-eval 20 --max-new-tokens 64 \
-          --conditions baseline,ablation
-      keep offload $RUNS/offload/summary.json $RUNS/offload/timings.json $RUNS/offload/environment.json;;
-    optimize)  # #17: the search, batched, then the same search one trial at a time for the speed ratio
-      time rd optimize --model $GGUF --out $RUNS/optimize --trials 200
+    offload)  # #18: the model does not fit on the GPU (CPU offload); a fixed direction and a reduced budget
+      time rd replicate --model $GGUF --out $RUNS/offload --device-map auto --max-memory 0=300MiB,cpu=64GiB \
+          --layer "${OFFLOAD_LAYER:-13}" --position "${OFFLOAD_POSITION:--4}" --no-safety --no-xstest --n-eval 20 \
+          --max-new-tokens 64 --conditions baseline,ablation
+      keep offload $RUNS/offload/summary.json $RUNS/offload/timings.json $RUNS/offload/environment.json \
+           $RUNS/offload/run.log;;
+    optimize)  # #17: the search, batched (200 trials), then 20 more one at a time for the speed ratio
+      time rd optimize --model $GGUF --out $RUNS/optimize --trials 200 --batch-trials 50 --seed 0
+      time rd optimize --model $GGUF --out $RUNS/optimize --trials 220 --one-at-a-time --no-export
       keep optimize $RUNS/optimize/optimize/summary.json $RUNS/optimize/optimize/front.md \
-           $RUNS/optimize/optimize/front.png;;
+           $RUNS/optimize/optimize/front.json $RUNS/optimize/optimize/front.png $RUNS/optimize/optimize/final.json \
+           $RUNS/optimize/optimize/final.md $RUNS/optimize/optimize/export.json $RUNS/optimize/timings.json;;
     bench8b)  # #18: Llama-3-8B's shape with random weights
       time rd bench --model llama-3-8b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
           --json $RUNS/bench8b.json
