@@ -24,8 +24,9 @@ keep() {  # keep NAME FILE...: the small result files of a step, archived at the
     for f in "$@"; do [ -f "$f" ] && cp "$f" "$KEEP/$name/"; done
     return 0
 }
-archive() { [ -n "${OUT:-}" ] && [ -d "$KEEP" ] && tar czf "$OUT/results-$(IFS=-; echo "$*").tgz" -C "$KEEP" .; return 0; }
-trap 'archive "$@"' EXIT
+STEPS=$(IFS=-; echo "$*")
+archive() { [ -n "${OUT:-}" ] && [ -d "$KEEP" ] && tar czf "$OUT/results-$STEPS.tgz" -C "$KEEP" .; return 0; }
+trap archive EXIT
 
 rd() { python -m refusal_direction "$@"; }
 
@@ -39,7 +40,7 @@ for step in "$@"; do
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)";;
     auto)  # #14/#15: automatic selection with no config, the paper's protocol, XSTest conditions
-      time rd replicate --model $GGUF --select auto --out $RUNS/auto --json > $RUNS/auto.summary.json
+      time rd replicate --model $GGUF --select auto --out $RUNS/auto
       keep auto $RUNS/auto/figures/selection_heatmaps.png $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
            $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log;;
     compare)  # #16: every method on one harness
