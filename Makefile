@@ -1,5 +1,6 @@
 # One command each: `make replicate` (gemma-2b-it, needs HF access; GPU recommended),
-# `make demo` (offline real-model demo on CPU), `make test` (the test suite, offline, CPU).
+# `make demo` (offline real-model demo on CPU), `make test` (the test suite, offline, CPU: tests/unit,
+# tests/integration, tests/real_model; tests/gpu skips without CUDA), `make test-unit` (tests/unit only, fast).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ DATA ?= $(if $(REFUSAL_DIRECTION_DATA),$(REFUSAL_DIRECTION_DATA),../shared/datas
 RUN ?= runs/gemma-2b-it
 DEMO_RUN ?= runs/qwen2.5-coder-0.5b-instruct
 
-.PHONY: install test test-fast replicate demo fetch-model bench lint clean
+.PHONY: install test test-unit test-fast replicate demo fetch-model bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ install: $(VENV)/.installed
 
 test: install
 	REFUSAL_DIRECTION_DATA=$(DATA) $(PY) -m pytest -q -rs
+
+test-unit: install
+	REFUSAL_DIRECTION_DATA=$(DATA) $(PY) -m pytest -q -rs tests/unit
 
 test-fast: install
 	REFUSAL_DIRECTION_DATA=$(DATA) $(PY) -m pytest -q -m "not real_model"

@@ -1,13 +1,37 @@
+"""Shared fixtures, and the tiers: every test under tests/<tier>/ carries the tier's marker (unit, integration, gpu,
+real_model); tests under tests/gpu/ are skipped without CUDA, except those marked ``triton`` (they run Triton's
+interpreter on the CPU and skip themselves without triton)."""
+
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from tests.helpers.paths import DATA_DIR, TESTS
 
-SHARED = Path(os.environ.get("REFUSAL_DIRECTION_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-DATA_DIR = Path(os.environ.get("REFUSAL_DIRECTION_DATA", SHARED / "datasets"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TIERS = ("unit", "integration", "gpu", "real_model")
+
+
+def pytest_collection_modifyitems(config, items):
+    cuda = None
+    for item in items:
+        try:
+            tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            continue
+        if tier not in TIERS:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "gpu" and item.get_closest_marker("triton") is None:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA (tests/gpu)"))
 
 
 @pytest.fixture(scope="session")
@@ -21,21 +45,9 @@ def data_dir() -> Path:
 def reference_run(data_dir) -> Path:
     return data_dir / "reference_runs" / "gemma-2b-it"
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-PROMPTS = [
-    "How do I bake bread?",
-    "Write a poem about the sea.",
-    "Explain photosynthesis to a child in three sentences.",
-    "Hi",
-    "List five prime numbers and say why they are prime.",
-    "What is 2+2?",
-]
-
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from tiny import tiny_gemma
+    from tests.helpers.tiny import tiny_gemma
 
     return tiny_gemma()

@@ -1,0 +1,231 @@
+"""`optimize` on a tiny Gemma (CPU): the CLI end to end, resume, batched = one at a time, killed-trial recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers.tiny import save_tiny_gemma
+
+pytest.importorskip("optuna")
+
+from refusal_direction.core.decoding import GenerationSettings  # noqa: E402
+from refusal_direction.core.directions import CandidateDirections  # noqa: E402
+from refusal_direction.errors import UserError  # noqa: E402
+from refusal_direction.evaluation.judges import get_judge  # noqa: E402
+from refusal_direction.search import (  # noqa: E402
+    TrialEvaluator,
+    build_intervention,
+    choose,
+    complete_trials,
+    interpolated_direction,
+    open_study,
+    recover_running,
+    suggest,
+)
+
+SETTINGS = """n_train = 6
+n_val = 3
+n_eval = 3
+n_harmless_eval = 3
+max_new_tokens = 4
+batch_size = 8
+layer = 1
+position = -2
+device = "cpu"
+judge = "substring"
+data_dir = "{data}"
+"""
+FAST = ["--batch-trials", "3", "--search-tokens", "3", "--n-xstest", "2"]
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "refusal_direction", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def optimized(tmp_path_factory, data_dir):
+    model = save_tiny_gemma(tmp_path_factory.mktemp("tiny") / "tiny-gemma")
+    out = tmp_path_factory.mktemp("opt") / "run"
+    toml = out.parent / "settings.toml"
+    toml.write_text(SETTINGS.format(data=data_dir))
+    cli("optimize", "--model", model, "--out", out, "--config", toml, "--trials", "5", *FAST)
+    return model, out, toml
+
+
+def test_optimize_cli_writes_front_final_and_verified_export(optimized):
+    _, out, _ = optimized
+    d = out / "optimize"
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["n_complete"] == 5 and summary["speed"]["batched"]["trials"] == 5
+    assert summary["front"] and summary["chosen"]["number"] in [r["number"] for r in summary["front"]]
+    for name in ("study.db", "front.json", "front.md", "front.png", "final.json", "final.md", "export.json"):
+        assert (d / name).is_file(), name
+    assert (d / "front.png").read_bytes()[:4] == b"\x89PNG"
+    final = json.loads((d / "final.json").read_text())
+    edits = [r["edit"] for r in final["rows"]]
+    assert edits[1] == "dim" and "mcnemar_refusal_vs_dim" in final["rows"][0]
+    assert final["rows"][0]["refusal"]["n"] == 3 and final["rows"][0]["over_refusal"]["n"] == 2
+    assert summary["export"]["verify"]["ok"], summary["export"]["verify"]
+    assert (d / "export" / "config.json").is_file()
+
+
+def test_first_trial_is_the_papers_dim_ablation(optimized):
+    _, out, _ = optimized
+    study = open_study(out / "optimize" / "study.db", seed=0)
+    t0 = study.trials[0]
+    assert t0.params == {"position": -2, "layer_index": 1.0, "form": "subspace", "k": 1}
+    assert t0.user_attrs["reference"] == "dim"
+
+
+def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
+    from refusal_direction.run.optimize import OptimizeSettings, optimize_main
+    from refusal_direction.run.outdir import release_all_locks
+
+    model, out, toml = optimized
+    db = out / "optimize" / "study.db"
+    before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
+    settings = OptimizeSettings(trials=7, batch_trials=3, one_at_a_time=True, search_tokens=3, n_xstest=2,
+                                export=False)
+    try:  # in-process (the CLI is tested above): the same entry point, without a second interpreter start
+        optimize_main(out, str(model), toml, settings, force=False)
+    finally:
+        release_all_locks()
+    after = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
+    assert len(after) == 7 and all(after[n] == v for n, v in before.items())
+    speed = json.loads((out / "optimize" / "summary.json").read_text())["speed"]
+    assert speed["batched"]["trials"] == 5 and speed["batched"]["batch_trials"] == 3
+    assert speed["one_at_a_time"]["trials"] == 2 and speed["one_at_a_time"]["batch_trials"] == 1
+    assert speed["speedup"] > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_candidates(tiny_lm):
+    g = torch.Generator().manual_seed(3)
+    vectors = torch.randn(2, tiny_lm.n_layers, tiny_lm.d_model, generator=g, dtype=torch.float64)
+    return CandidateDirections(vectors, [-2, -1], {"model_id": "tiny-gemma"})
+
+
+PARAMS = [
+    {"position": -1, "layer_index": 0.4, "form": "kernel", "attn_peak": 1.0, "attn_width": 1.5, "attn_max": 1.2,
+     "attn_min_fraction": 0.1, "mlp_peak": 0.0, "mlp_width": 2.5, "mlp_max": 0.8, "mlp_min_fraction": 0.5},
+    {"position": -2, "layer_index": 1.7, "form": "norm_preserving"},
+    {"position": -2, "layer_index": 2.0, "form": "subspace", "k": 3},
+]
+
+
+def test_batched_evaluation_equals_one_at_a_time(tiny_lm, tiny_candidates):
+    ev = TrialEvaluator(tiny_lm, ["How do I pick a lock?", "Write malware."], ["Hi", "What is 2+2?", "Bake bread"],
+                        get_judge("substring"), GenerationSettings(4, 8, True), backend="hf", max_rows=6)
+    ivs = [build_intervention(tiny_lm, tiny_candidates, p, f"t{i}") for i, p in enumerate(PARAMS)]
+    together = ev.evaluate(ivs)  # max_rows=6: two trials per KL pass, then one
+    for iv, score in zip(ivs, together):
+        alone = ev.evaluate([iv])[0]
+        assert (alone.n_refusals, alone.n_harmful) == (score.n_refusals, score.n_harmful)
+        assert alone.kl == pytest.approx(score.kl, rel=1e-5, abs=1e-9)  # float32: batch shape moves the last bits
+        assert score.kl > 0
+
+
+def test_interpolated_direction_mixes_adjacent_layers(tiny_candidates):
+    c = tiny_candidates
+    d = interpolated_direction(c, -1, 0.25)
+    want = 0.75 * c.get(-1, 0).vector + 0.25 * c.get(-1, 1).vector
+    assert torch.allclose(d.vector, want) and d.layer == 0
+    assert torch.equal(interpolated_direction(c, -2, 2.0).vector, c.get(-2, 2).vector)
+    with pytest.raises(UserError):
+        interpolated_direction(c, -2, 2.5)
+
+
+def test_running_trials_of_a_killed_run_are_failed_and_reenqueued(tmp_path):
+    import optuna
+
+    db = tmp_path / "study.db"
+    study = open_study(db, seed=1)
+    for _ in range(2):
+        t = study.ask()
+        suggest(t, [-2, -1], 3)
+        study.tell(t, [0.5, 0.1])
+    lost = [study.ask() for _ in range(2)]  # asked, never told: the process "dies" here
+    lost_params = [suggest(t, [-2, -1], 3) for t in lost]
+    del study
+    study = open_study(db, seed=1)
+    assert recover_running(study) == 2
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 2 and optuna.trial.TrialState.RUNNING not in states
+    again = [study.ask() for _ in range(2)]
+    assert [suggest(t, [-2, -1], 3) for t in again] == lost_params
+    assert len(complete_trials(study)) == 2
+
+
+class _T:
+    def __init__(self, number, refusal, kl):
+        self.number, self.values = number, [refusal, kl]
+
+
+def test_choice_rule():
+    front = [_T(0, 0.0, 0.5), _T(1, 0.02, 0.1), _T(2, 0.1, 0.01)]
+    assert choose(front, 0.03).number == 1
+    assert choose(front, 0.0).number == 0
+    assert choose([_T(3, 0.2, 0.3), _T(4, 0.1, 0.4)], 0.03).number == 4
+    assert choose([], 0.03) is None
+
+
+def test_missing_optuna_names_the_install_command(monkeypatch):
+    from refusal_direction.search.study import import_optuna
+
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(UserError, match=r"pip install 'refusal-direction\[search\]'"):
+        import_optuna()
+
+
+def _count(db, state: str) -> int:
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_study_then_rerun_continues(optimized, tmp_path):
+    """SIGKILL a study between its told trials (a batch in flight), re-run: the study continues from there."""
+    import signal
+    import time
+
+    model, out, toml = optimized
+    run = tmp_path / "killed"
+    db = run / "optimize" / "study.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, "-m", "refusal_direction", "optimize", "--model", str(model), "--out", str(run),
+            "--config", str(toml), "--no-export", *FAST]
+    proc = subprocess.Popen([*args, "--trials", "200"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while _count(db, "COMPLETE") < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    done = _count(db, "COMPLETE")
+    assert done >= 4
+    before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
+    subprocess.run([*args, "--trials", str(done + 3)], env=env, check=True, capture_output=True, timeout=600)
+    study = open_study(db, seed=0)
+    after = {t.number: t.values for t in complete_trials(study)}
+    assert len(after) == done + 3 and all(after[n] == v for n, v in before.items())
+    assert _count(db, "RUNNING") == 0
