@@ -32,6 +32,7 @@ from .compare_methods import build_methods, parse_methods
 from .direction import stage_direction
 from .extract import stage_extract, stage_samples
 from .rundir import Run
+from .summary import display_name
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def stage_compare(run: Run, methods: str | None = None, n_xstest: int = 100, for
         _run_methods(run, samples, xstest, ivs, info)
         run.timing("compare_s", time.perf_counter() - t0)
     records = {n: json.loads(method_path(run, n).read_text()) for n in names}
-    return write_compare_outputs(compare_dir(run), records, model=run.config.model,
+    return write_compare_outputs(compare_dir(run), records, model=display_name(run.config.model),
                                  direction={"layer": direction.layer, "position": direction.position})
 
 
