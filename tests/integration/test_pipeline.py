@@ -198,3 +198,18 @@ def test_export_and_verify_export_commands(tiny_run, tmp_path):
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["ok"]  # plumbing only: the numbers verify_export checks are tested in tests/unit/test_export.py
     assert cli("export", "--run", tiny_run, "--out", out, check=False).returncode == 2  # no silent overwrite
+
+
+@pytest.mark.parametrize("method", ["norm_preserving", "ace"])
+def test_export_and_verify_export_of_a_method(tiny_run, tmp_path, method):
+    """`export --method` bakes a method's weight form in; `verify-export --method` checks it against the hooks and
+    refuses a mismatched method."""
+    out = tmp_path / method
+    cli("export", "--run", tiny_run, "--out", out, "--method", method)
+    assert json.loads((out / "refusal_direction_export.json").read_text())["method"] == method
+    r = cli("verify-export", "--run", tiny_run, "--model-dir", out, "--method", method, "--n-prompts", "3",
+            "--max-new-tokens", "6", "--json")
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["ok"] and result["method"] == method and result["max_abs_logit_diff"] <= 1e-4
+    wrong = cli("verify-export", "--run", tiny_run, "--model-dir", out, "--method", "projected", check=False)
+    assert wrong.returncode == 2 and f"exported with method '{method}'" in wrong.stderr

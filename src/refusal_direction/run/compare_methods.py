@@ -111,3 +111,15 @@ def build_methods(run: Run, samples, candidates: CandidateDirections, direction:
         info.setdefault(name, {})
         info[name] = {**ivs[name].describe(), **info[name]}
     return ivs, info
+
+
+def method_intervention(run: Run, name: str):
+    """One method's intervention for a run with a direction (for `export --method` / `verify-export --method`)."""
+    from .extract import stage_extract, stage_samples
+
+    if name not in METHODS or name == "baseline":
+        raise UserError(f"--method {name!r}: choose one of {', '.join(m for m in METHODS if m != 'baseline')}")
+    samples = stage_samples(run)
+    candidates = stage_extract(run, samples)
+    ivs, _ = build_methods(run, samples, candidates, run.saved_direction(), [name])
+    return ivs[name]
