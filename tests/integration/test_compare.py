@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from refusal_direction.report.compare import compare_table, dominates_reference
+from tests.helpers.cli import run_cli
 from tests.helpers.tiny import save_tiny_gemma
 
 SETTINGS = """n_train = 6
@@ -25,12 +23,7 @@ data_dir = "{data}"
 """
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "refusal_direction", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

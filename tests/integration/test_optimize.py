@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.cli import run_cli
 from tests.helpers.tiny import save_tiny_gemma
 
 pytest.importorskip("optuna")
@@ -44,12 +45,7 @@ data_dir = "{data}"
 FAST = ["--batch-trials", "3", "--search-tokens", "3", "--n-xstest", "2"]
 
 
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "refusal_direction", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+cli = run_cli
 
 
 @pytest.fixture(scope="module")
