@@ -112,7 +112,7 @@ def test_sweep_forward_refuses_split_model(split):
 
 
 def test_export_of_split_model_streams_and_equals_in_memory(split, whole, direction, tmp_path):
-    from test_streaming_export import tensors
+    from tests.unit.test_streaming_export import tensors
 
     a = tensors(export_model(whole, direction, tmp_path / "memory"))
     b = tensors(export_model(split, direction, tmp_path / "split"))  # dispatched: streamed from the shards

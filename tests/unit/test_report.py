@@ -255,7 +255,7 @@ def test_example_pairs_spread_over_categories_and_prefer_flips():
 def test_summary_json_round_trip():
     summary, *_ = synthetic_run()
     data = json.loads(json.dumps(summary.to_json()))
-    assert data["schema_version"] == 1 and "refusal_first_64_tokens" in data["conditions"]["baseline"]
+    assert data["schema_version"] == 2 and "refusal_first_64_tokens" in data["conditions"]["baseline"]
     assert Summary.from_json(data) == summary
     assert Summary.from_json(data).to_json() == data
 
@@ -279,7 +279,8 @@ def test_summary_without_a_field_is_rejected_with_the_fix():
 
 def test_summary_with_unknown_or_missing_version_is_rejected():
     data = synthetic_run()[0].to_json()
-    with pytest.raises(UserError, match=r"old/summary.json has schema_version 99; .* reads schema_version 1\. Re-run"):
+    with pytest.raises(UserError,
+                       match=r"old/summary.json has schema_version 99; .* reads schema_version 1 or 2\. Re-run"):
         Summary.from_json({**data, "schema_version": 99}, source="old/summary.json")
     data.pop("schema_version")
     with pytest.raises(UserError, match=r"old/summary.json has no schema_version"):
