@@ -25,6 +25,7 @@ from ..core.decoding import GenerationSettings
 from ..core.interventions import Baseline
 from ..data.instructions import resolve_data_dir
 from ..data.xstest import load_xstest_prompts
+from ..errors import UserError
 from ..evaluation.capability import completion_nll, next_token_kl
 from ..evaluation.refusal import is_refusal
 from ..fileio import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -44,6 +45,9 @@ def compare_main(out: Path, model: str | None, methods: str | None, n_xstest: in
     from ..report.compare import table_markdown
     from .pipeline import start_run
 
+    parse_methods(methods)  # a bad --methods fails before the model loads
+    if n_xstest < 0:
+        raise UserError(f"--n-xstest {n_xstest}: use 0 (skip) or more")
     if setup_logging is not None:
         setup_logging(out)
     cfg = build_config({**({"model": model} if model else {}), "safety": False}, config)

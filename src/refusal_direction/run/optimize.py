@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.decoding import GenerationSettings
+from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .direction import stage_direction
 from .extract import stage_extract, stage_samples
@@ -48,6 +49,17 @@ class OptimizeSettings:
     n_xstest: int = 250  # XSTest safe prompts in the final evaluation (0: skip)
     export: bool = True  # export and verify the chosen edit
     max_kl_rows: int = 512  # rows per KL forward pass
+
+    def __post_init__(self):
+        problems = [f"--{name.replace('_', '-')} {value}: {need}" for name, value, ok, need in (
+            ("trials", self.trials, self.trials >= 1, "use at least 1"),
+            ("batch_trials", self.batch_trials, self.batch_trials >= 1, "use at least 1"),
+            ("target", self.target, 0.0 <= self.target <= 1.0, "a refusal rate, between 0 and 1"),
+            ("search_tokens", self.search_tokens, self.search_tokens >= 1, "use at least 1"),
+            ("n_xstest", self.n_xstest, self.n_xstest >= 0, "use 0 (skip) or more"),
+            ("max_kl_rows", self.max_kl_rows, self.max_kl_rows >= 1, "use at least 1")) if not ok]
+        if problems:
+            raise UserError("; ".join(problems))
 
     @property
     def batch(self) -> int:

@@ -1,0 +1,25 @@
+"""Bad values of `optimize`'s and `compare`'s own options are refused before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from refusal_direction.errors import UserError
+from refusal_direction.run.compare import compare_main
+from refusal_direction.run.optimize import OptimizeSettings
+
+
+@pytest.mark.parametrize("kw, needle", [({"trials": -5}, "--trials -5"), ({"batch_trials": 0}, "--batch-trials 0"),
+                                        ({"target": 7.0}, "--target 7.0: a refusal rate"),
+                                        ({"n_xstest": -1}, "--n-xstest -1")])
+def test_optimize_settings_refuse_bad_values(kw, needle):
+    with pytest.raises(UserError, match=needle):
+        OptimizeSettings(**kw)
+    OptimizeSettings()  # the defaults are valid
+
+
+@pytest.mark.parametrize("methods, n_xstest, needle", [("dim,nope", 250, "unknown method\\(s\\) nope"),
+                                                       (None, -1, "--n-xstest -1")])
+def test_compare_refuses_bad_options_before_loading(tmp_path, methods, n_xstest, needle):
+    with pytest.raises(UserError, match=needle):  # the model does not exist: only the option check can answer
+        compare_main(tmp_path / "run", str(tmp_path / "no-such-model"), methods, n_xstest, None, False)
