@@ -1,4 +1,4 @@
-"""Bad values of `optimize`'s and `compare`'s own options are refused before any model loads."""
+"""Bad values of the newer options (optimize, compare, selection rule, device map) are refused before any model loads."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def test_optimize_settings_refuse_bad_values(kw, needle):
 def test_compare_refuses_bad_options_before_loading(tmp_path, methods, n_xstest, needle):
     with pytest.raises(UserError, match=needle):  # the model does not exist: only the option check can answer
         compare_main(tmp_path / "run", str(tmp_path / "no-such-model"), methods, n_xstest, None, False)
+
+
+@pytest.mark.parametrize("key, value, needle", [("select_rule", "nope", "select_rule='nope': use generation or paper"),
+                                               ("device_map", "nope", "device_map='nope': use auto")])
+def test_new_config_values_are_checked(key, value, needle):
+    from refusal_direction.config import build_config
+    from refusal_direction.errors import UserErrors
+
+    with pytest.raises(UserErrors, match=needle):
+        build_config({key: value})
