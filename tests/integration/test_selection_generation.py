@@ -150,9 +150,8 @@ def test_rule_prefers_fewest_refusals_then_lowest_kl(tiny_lm, candidates, monkey
 
 @pytest.mark.parametrize("strategy", ["full", "lazy"])
 def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch, strategy):
-    from tests.integration.test_pipeline import cli
-
     from tests.helpers.tiny import save_tiny_gemma
+    from tests.integration.test_pipeline import cli
 
     monkeypatch.setattr(refusal, "is_refusal", text_judge)  # a random model never says "I cannot"
     model = save_tiny_gemma(tmp_path / "tiny-gemma")
