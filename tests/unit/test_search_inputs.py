@@ -1,4 +1,4 @@
-"""Bad values of the newer options (optimize, compare, selection rule, device map) are refused before any model loads."""
+"""Bad values of the newer options (optimize, compare, selection rule, device map) are refused before loading."""
 
 from __future__ import annotations
 
