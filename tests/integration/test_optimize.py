@@ -64,7 +64,7 @@ def test_optimize_cli_writes_front_final_and_verified_export(optimized):
     summary = json.loads((d / "summary.json").read_text())
     assert summary["n_complete"] == 5 and summary["speed"]["batched"]["trials"] == 5
     assert summary["front"] and summary["chosen"]["number"] in [r["number"] for r in summary["front"]]
-    for name in ("study.db", "front.json", "front.md", "front.png", "final.json", "final.md", "export.json"):
+    for name in ("study.journal", "front.json", "front.md", "front.png", "final.json", "final.md", "export.json"):
         assert (d / name).is_file(), name
     assert (d / "front.png").read_bytes()[:4] == b"\x89PNG"
     final = json.loads((d / "final.json").read_text())
@@ -77,7 +77,7 @@ def test_optimize_cli_writes_front_final_and_verified_export(optimized):
 
 def test_first_trial_is_the_papers_dim_ablation(optimized):
     _, out, _ = optimized
-    study = open_study(out / "optimize" / "study.db", seed=0)
+    study = open_study(out / "optimize" / "study.journal", seed=0)
     t0 = study.trials[0]
     assert t0.params == {"position": -2, "layer_index": 1.0, "form": "subspace", "k": 1}
     assert t0.user_attrs["reference"] == "dim"
@@ -88,7 +88,7 @@ def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
     from refusal_direction.run.outdir import release_all_locks
 
     model, out, toml = optimized
-    db = out / "optimize" / "study.db"
+    db = out / "optimize" / "study.journal"
     before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
     settings = OptimizeSettings(trials=7, batch_trials=3, one_at_a_time=True, search_tokens=3, n_xstest=2,
                                 export=False)
@@ -144,7 +144,7 @@ def test_interpolated_direction_mixes_adjacent_layers(tiny_candidates):
 def test_running_trials_of_a_killed_run_are_failed_and_reenqueued(tmp_path):
     import optuna
 
-    db = tmp_path / "study.db"
+    db = tmp_path / "study.journal"
     study = open_study(db, seed=1)
     for _ in range(2):
         t = study.ask()
@@ -160,6 +160,27 @@ def test_running_trials_of_a_killed_run_are_failed_and_reenqueued(tmp_path):
     again = [study.ask() for _ in range(2)]
     assert [suggest(t, [-2, -1], 3) for t in again] == lost_params
     assert len(complete_trials(study)) == 2
+
+
+def test_a_journal_line_cut_by_a_kill_is_removed_and_the_study_reopens(tmp_path):
+    from refusal_direction.search.study import drop_partial_line
+
+    db = tmp_path / "study.journal"
+    study = open_study(db, seed=1)
+    for _ in range(2):
+        t = study.ask()
+        suggest(t, [-2, -1], 3)
+        study.tell(t, [0.5, 0.1])
+    whole = db.read_bytes()
+    db.write_bytes(whole + b'{"op_code": 5, "trial_id"')  # a write cut short by SIGKILL
+    study = open_study(db, seed=1)  # cuts the partial line
+    data = db.read_bytes()
+    assert data.startswith(whole) and not drop_partial_line(db)
+    assert all(json.loads(line) for line in data.splitlines())  # the cut line is gone, every line is whole
+    t = study.ask()
+    suggest(t, [-2, -1], 3)
+    study.tell(t, [0.2, 0.3])
+    assert len(complete_trials(open_study(db, seed=1))) == 3
 
 
 class _T:
@@ -184,17 +205,10 @@ def test_missing_optuna_names_the_install_command(monkeypatch):
 
 
 def _count(db, state: str) -> int:
-    import sqlite3
-
+    """Trials of ``state`` in the journal (0 before it exists), read as a second process would."""
     if not db.is_file():
         return 0
-    con = sqlite3.connect(db)
-    try:
-        return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
-    except sqlite3.OperationalError:  # tables not created yet
-        return 0
-    finally:
-        con.close()
+    return sum(t.state.name == state for t in open_study(db, seed=0).get_trials(deepcopy=False))
 
 
 @pytest.mark.slow
@@ -205,7 +219,7 @@ def test_kill_9_mid_study_then_rerun_continues(optimized, tmp_path):
 
     model, out, toml = optimized
     run = tmp_path / "killed"
-    db = run / "optimize" / "study.db"
+    db = run / "optimize" / "study.journal"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     args = [sys.executable, "-m", "refusal_direction", "optimize", "--model", str(model), "--out", str(run),
             "--config", str(toml), "--no-export", *FAST]

@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..core.interventions import Intervention, apply_intervention
+from ..core.interventions import Intervention
+from ..core.stacked import apply_interventions
 from ..core.model import LoadedModel
 from ..core.padding import left_pad, pad_id, position_ids
 from .folded_attention import folded_gqa_attention
@@ -107,8 +108,9 @@ def generate_chunk(
             notes.append("grouped-query attention folded into query rows")
         notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
         notes += stack.enter_context(fused_kernels(model, fuse))
-        for iv, switch in zip(interventions, switches):
-            stack.enter_context(apply_intervention(lm, iv, rows=switch))
+        hooked = stack.enter_context(apply_interventions(lm, interventions, switches))
+        if hooked["stacked"]:
+            notes.append(f"{hooked['stacked']} projection interventions stacked: one hook per site")
         t0 = time.perf_counter()
         dec = _prefill(model, ids, mask, position, stop_t, max_new_tokens, keep)
         sync()

@@ -173,17 +173,18 @@ def norm_preserving_weights_(model, direction: torch.Tensor) -> EditedWeights:
 def norm_preserving_ablation(lm: LoadedModel, direction: torch.Tensor, name: str = "norm_preserving"
                              ) -> NormPreservingAblation:
     """The hook form of `norm_preserving_weights_` on ``lm`` (its writers' input scales and bias shifts)."""
-    r = _unit(direction)
+    r_cpu = _unit(direction)
     writers = find_residual_writers(lm.model, lm.blocks)
     edits = []
-    for module in writers:
-        w = module.weight.double().cpu()
+    for module in writers:  # in float64 on the weight's own device (a GPU does the 0.5B model's writers in ms)
+        w = module.weight.detach().to(torch.float64)
+        r = r_cpu.to(w.device)
         vectors = w if _is_conv1d(module) else w.T  # [in, d]
         removed = (vectors - torch.outer(vectors @ r, r)).norm(dim=-1)
         scale = torch.where(removed > 0, vectors.norm(dim=-1) / removed.clamp(min=1e-300), torch.ones_like(removed))
         delta = None
         if getattr(module, "bias", None) is not None:
-            b = module.bias.double().cpu()[None]
+            b = module.bias.detach().to(torch.float64)[None]
             delta = (_norm_preserved(b, r) - (b - torch.outer(b @ r, r)))[0]
         edits.append(WriterEdit(module, scale.float(), None if delta is None else delta.float()))
     d_model = lm.d_model

@@ -33,6 +33,7 @@ import torch
 
 from ..core.interventions import input_hook, output_hook, unit
 from ..core.model import LoadedModel
+from ..core.stacked import SITES
 
 
 def _row_view(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +77,10 @@ class SubspaceAblation:
             handles += [_hook_input(lm, i, fn), _hook_out(site.attn_out, fn), _hook_out(site.mlp_out, fn)]
         return handles
 
+    def projection_form(self, lm: LoadedModel) -> tuple[torch.Tensor, dict]:
+        """(basis, weight 1 at every site): for `core.stacked` (many trials in one batch)."""
+        return self.basis.float().cpu(), {(s, i): 1.0 for i in range(lm.n_layers) for s in SITES}
+
 
 @dataclass(frozen=True, eq=False)
 class LayerKernelAblation:
@@ -91,10 +96,13 @@ class LayerKernelAblation:
         return {"type": "layer_kernel_ablation", "attn_weights": list(self.attn_weights),
                 "mlp_weights": list(self.mlp_weights), "embed_weight": self.embed_weight}
 
-    def register_hooks(self, lm: LoadedModel, rows: torch.Tensor | None = None) -> list:
+    def _check(self, lm: LoadedModel) -> None:
         if len(self.attn_weights) != lm.n_layers or len(self.mlp_weights) != lm.n_layers:
             raise ValueError(f"layer kernel has {len(self.attn_weights)}/{len(self.mlp_weights)} weights for a "
                              f"model with {lm.n_layers} layers; build it with layer_kernel(n_layers={lm.n_layers})")
+
+    def register_hooks(self, lm: LoadedModel, rows: torch.Tensor | None = None) -> list:
+        self._check(lm)
         r = unit(self.direction).to(device=lm.device, dtype=lm.dtype)
 
         def scaled(w):
@@ -109,6 +117,14 @@ class LayerKernelAblation:
             if wm:
                 handles.append(_hook_out(site.mlp_out, scaled(wm)))
         return handles
+
+    def projection_form(self, lm: LoadedModel) -> tuple[torch.Tensor, dict]:
+        """(r̂, the per-layer writer weights and the embedding weight): for `core.stacked`."""
+        self._check(lm)
+        weights = {("resid_pre", 0): self.embed_weight} if self.embed_weight else {}
+        for i, (wa, wm) in enumerate(zip(self.attn_weights, self.mlp_weights, strict=True)):
+            weights.update({("attn_out", i): wa, ("mlp_out", i): wm})
+        return unit(self.direction).float().cpu()[None], weights
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,7 +3,7 @@
 In the run directory (samples, extraction and the direction are the run's own, made or reused as in
 `replicate`)::
 
-    optimize/study.db       the Optuna study (SQLite): every told trial; re-running continues it
+    optimize/study.journal  the Optuna study (journal file): every asked and told trial; re-running continues it
     optimize/front.json     the Pareto front (validation objectives), front.md, front.png (every trial + front)
     optimize/final.json     the chosen edit and DiM on JailbreakBench (the run's max_new_tokens) and XSTest
                             safe prompts, with the run's judge and the substring judge; final.md
@@ -25,13 +25,14 @@ from pathlib import Path
 
 from ..core.decoding import GenerationSettings
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, record_in_manifest
 from .direction import stage_direction
 from .extract import stage_extract, stage_samples
 from .rundir import Run
 
 log = logging.getLogger(__name__)
 
+STUDY_FILE = "study.journal"  # the Optuna study (search.study: journal storage)
 CHOICE_RULE = ("among the Pareto-front trials with validation refusal <= target, the lowest KL; if none reaches "
                "the target, the lowest refusal (ties: lowest KL, then lowest trial number)")
 
@@ -114,7 +115,8 @@ def search(run: Run, samples, candidates, direction, s: OptimizeSettings):
     """Open (or continue) the study, recover killed trials, run the batches; (study, speed record)."""
     from ..search import build_intervention, open_study, recover_running, run_batches, suggest
 
-    study = open_study(optimize_dir(run) / "study.db", s.seed)
+    study = open_study(optimize_dir(run) / STUDY_FILE, s.seed)
+    record_in_manifest(run.out, optimize_dir(run) / STUDY_FILE)
     recovered = recover_running(study)
     if not study.trials:
         study.enqueue_trial({"position": direction.position, "layer_index": float(direction.layer),

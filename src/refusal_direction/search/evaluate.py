@@ -8,23 +8,24 @@
 - KL: KL(baseline ‖ trial) of the next-token distribution at the last prompt position (as
   `evaluation.capability.next_token_kl`), mean over the harmless prompts. The K trials' rows share forward
   passes: the prompts are repeated once per trial ([K · n, seq], up to ``max_rows`` rows per pass) and every
-  trial's hooks switch on its own rows only. Only the last position's logits are computed. The baseline
-  distribution is computed once per evaluator.
+  trial acts on its own rows only (`core.stacked.apply_interventions`: the projection forms stacked into one
+  hook per site, the others with per-row switches). Only the last position's logits are computed. The
+  baseline distribution is computed once per evaluator.
 
-Evaluating a trial alone or among others gives the same values (the switches multiply by exactly 0 or 1).
+Evaluating a trial alone or among others gives the same values up to rounding (a row's own arithmetic is the
+same; the stacked and switched hook forms round differently).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from ..core.decoding import GenerationSettings
-from ..core.interventions import apply_intervention
+from ..core.stacked import apply_interventions
 from ..core.model import LoadedModel
 from ..evaluation.capability import position_ids
 
@@ -83,11 +84,9 @@ class TrialEvaluator:
         for start in range(0, len(interventions), per_pass):
             chunk = list(interventions[start:start + per_pass])
             enc = self._harmless_batch(len(chunk))
-            with ExitStack() as stack:
-                for j, iv in enumerate(chunk):
-                    rows = torch.zeros(len(chunk) * n, device=self.lm.device)
-                    rows[j * n:(j + 1) * n] = 1
-                    stack.enter_context(apply_intervention(self.lm, iv, rows))
+            trial = torch.arange(len(chunk) * n, device=self.lm.device) // n
+            switches = [(trial == j).to(self.lm.dtype) for j in range(len(chunk))]
+            with apply_interventions(self.lm, chunk, switches):
                 other = _last_logprobs(self.lm, enc).view(len(chunk), n, -1)  # [K, n, vocab]
             kl = (base.exp() * (base - other)).sum(-1)  # [K, n]
             out += kl.mean(-1).cpu().tolist()
