@@ -3,7 +3,7 @@
 # GGUF assembled from parts copied to /tmp/blob beforehand, wheels the machine lacks carried in .whl/, the data
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
-#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup auto compare offload optimize bench8b
+#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize bench8b
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -43,6 +43,9 @@ for step in "$@"; do
       time rd replicate --model $GGUF --select auto --out $RUNS/auto
       keep auto $RUNS/auto/figures/selection_heatmaps.png $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
            $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log;;
+    study)  # #14: every candidate direction judged by what it does (benchmarks/selection_study.py)
+      time python benchmarks/selection_study.py --model $GGUF --out $RUNS/study --json $RUNS/study.json
+      keep study $RUNS/study.json $RUNS/study/selection.json;;
     compare)  # #16: every method on one harness
       time rd compare --model $GGUF --out $RUNS/compare
       keep compare $RUNS/compare/compare/table.json $RUNS/compare/compare/table.md $RUNS/compare/compare/pareto.png \

@@ -50,14 +50,15 @@ SELECT_RULES = ("generation", "paper")
 SELECT_MAX_KL = 0.25  # generation rule: discard candidates whose KL score is above this
 SELECT_TOP_K = 32  # generation rule: candidates (best bypass scores) whose ablated generations are judged
 SELECT_NEW_TOKENS = 32  # generation rule: greedy tokens per validation prompt and candidate
+SELECT_TRAIN_PROMPTS = 128  # generation rule: refused harmful training prompts added to the judged pool
 MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the set) prompts of each kind
 
 # The `demo` command: an offline CPU run (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 # Only budget knobs differ from `replicate`: the selection rule and its thresholds are the defaults.
 DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:3", "n_train": 64,
-    "n_val": 16, "select_top_k": 6,
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:2", "n_train": 64,
+    "n_val": 16, "select_top_k": 6, "select_train_prompts": 16,
     "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
     "safety": False, "capability": False, "xstest": False,
 }
@@ -117,6 +118,8 @@ class RunConfig:
     select_max_kl: float = _f(SELECT_MAX_KL, "generation rule: discard candidates with KL above this")
     select_top_k: int = _f(SELECT_TOP_K, "generation rule: candidates (best bypass score) judged by generation")
     select_new_tokens: int = _f(SELECT_NEW_TOKENS, "generation rule: greedy tokens per validation prompt")
+    select_train_prompts: int = _f(SELECT_TRAIN_PROMPTS, "generation rule: at most this many harmful training "
+                                   "prompts the unablated model refuses join the judged pool (0: validation only)")
     refusal_tokens: tuple[str, ...] | None = _f(None, "refusal words for the refusal metric (e.g. ['I'] as in the "
                                                       "paper for gemma); default: derived from the model's answers")
     # generation
@@ -262,6 +265,8 @@ def validate(c: RunConfig) -> list[str]:
                  "select_new_tokens"):
         if getattr(c, name) < 1:
             p.append(f"{name}={getattr(c, name)} must be at least 1")
+    if c.select_train_prompts < 0:
+        p.append(f"select_train_prompts={c.select_train_prompts} must be 0 (validation prompts only) or more")
     if c.select not in ("fixed", "auto", "default"):
         p.append(f"select={c.select!r}: use fixed, auto or default")
     if c.position is not None and c.position >= 0:

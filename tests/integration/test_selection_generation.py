@@ -111,11 +111,10 @@ def test_generation_scores_equal_a_naive_loop(tiny_lm, candidates, monkeypatch):
     monkeypatch.setattr(refusal, "is_refusal", text_judge)
     keys = [(p, layer) for p in candidates.positions[-2:] for layer in (1, 2)]
     settings = GenerationSettings(max_new_tokens=6, batch_size=3)
-    base, counts = refusal_counts(tiny_lm, candidates, keys, HARMFUL, settings)
+    counts = refusal_counts(tiny_lm, candidates, keys, HARMFUL, settings)
     naive = [sum(text_judge(g.text) for g in generate(tiny_lm, HARMFUL, DirectionalAblation(
         candidates.get(p, layer).vector), settings)) for p, layer in keys]
     assert counts == naive
-    assert base == sum(text_judge(g.text) for g in generate(tiny_lm, HARMFUL, Baseline(), settings))
     batched = generate_all(tiny_lm, HARMFUL, [DirectionalAblation(candidates.get(*k).vector, name=str(k))
                                               for k in keys], settings)
     assert [g.text for k in keys for g in batched[str(k)]] == [
@@ -132,14 +131,14 @@ def test_rule_prefers_fewest_refusals_then_lowest_kl(tiny_lm, candidates, monkey
 
     def fake_counts(lm, cands, keys, harmful, settings, backend="auto", progress=False):
         judged["keys"] = list(keys)
-        return 3, [{(-1, 1): 0, (-2, 1): 0, (-1, 0): 2}[k] for k in keys]
+        return [{(-1, 1): 0, (-2, 1): 0, (-1, 0): 2}[k] for k in keys]
 
     monkeypatch.setattr(generated_module, "refusal_counts", fake_counts)
     rule = GenerationRule(max_kl=0.25, top_k=3, prune_layer_fraction=0.2, new_tokens=8)
     result = select_by_generation(tiny_lm, candidates, scores, HARMFUL, rule, GenerationSettings())
     assert judged["keys"] == [(-1, 1), (-2, 1), (-1, 0)]  # eligible, ascending bypass
     assert (result.position, result.layer) == (-2, 1)  # 0 refusals at KL 0.1 beats 0 refusals at KL 0.2
-    assert [g.refusal_rate for g in result.judged] == [0, 0, 0.5] and result.baseline_refused == 3
+    assert [g.refusal_rate for g in result.judged] == [0, 0, 0.5] and result.baseline_refused == len(HARMFUL)
     reasons = {(s.position, s.layer): r for s, r in result.discarded}
     assert reasons == {(-2, 0): ("kl",), (-1, 2): ("late_layer",), (-3, 1): ("nan",)}
     with pytest.raises(UserError, match="select_max_kl") as err:
@@ -169,7 +168,11 @@ def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch, strategy):
     val = sel["validation"]
     assert val["n_harmful"] == 6 and val["n_harmful_used"] >= 3 and val["min_prompts"] == 16
     assert sel["n_harmful_val"] == val["n_harmful_used"]
-    assert sel["generation"]["n_prompts"] == val["n_harmful"]  # judged on every harmful validation prompt
+    pool = sel["generation"]["pool"]  # the prompts the unablated model refuses: validation, then training
+    assert pool["n_val"] == 6 and pool["n_train"] == 8 and pool["max_train"] == 128
+    refused = pool["n_val_refused"] + pool["n_train_used"]
+    assert sel["generation"]["n_prompts"] == (6 if "fallback" in pool else refused) >= 1
+    assert "fallback" in pool or sel["generation"]["baseline_refused"] == refused
     chosen = sel["chosen"]
     assert sel["survivors"][0]["layer"] == chosen["layer"] and 0 <= chosen["refusal_rate"] <= 1
     assert len(sel["survivors"]) == 2 and sel["thresholds"]["new_tokens"] == 4 and sel["strategy"] == strategy
@@ -177,3 +180,17 @@ def test_select_auto_through_the_cli(tmp_path, data_dir, monkeypatch, strategy):
     assert (direction["layer"], direction["position"]) == (chosen["layer"], chosen["position"])
     assert "Rule: generation" in (out / "report.md").read_text()
     assert "Validation filter" in (out / "report.md").read_text()
+
+
+def test_pool_is_the_refused_prompts_validation_first_and_falls_back_when_none_is_refused(caplog):
+    from refusal_direction.selection import judged_pool
+
+    pool, rec = judged_pool(["v1", "v2", "v3"], [True, False, True], ["t1", "t2", "t3", "t4"],
+                            [False, True, True, True], max_train=2)
+    assert pool == ["v1", "v3", "t2", "t3"]
+    assert rec == {"n_val": 3, "n_val_refused": 2, "n_train": 4, "n_train_refused": 3, "n_train_used": 2,
+                   "max_train": 2}
+    assert judged_pool(["v1"], [True], ["t1"], [True], max_train=0)[0] == ["v1"]
+    with caplog.at_level("WARNING"):
+        pool, rec = judged_pool(["v1", "v2"], [False, False], ["t1"], [False], max_train=5)
+    assert pool == ["v1", "v2"] and "fallback" in rec and "refuses none" in caplog.text

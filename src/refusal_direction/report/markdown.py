@@ -131,9 +131,12 @@ def _rule_text(selection: dict) -> str:
     chosen = selection.get("chosen") or {}
     text = ""
     if selection.get("rule") == "generation" and gen:
+        pool = gen.get("pool") or {}
+        where = (f"{pool.get('n_val_refused')} validation + {pool.get('n_train_used')} training prompts the "
+                 "unablated model refuses" if pool and "fallback" not in pool else "the harmful validation prompts")
         text += (f". Rule: generation — the lowest refusal rate of greedy answers ({t.get('new_tokens')} tokens) to "
-                 f"the harmful validation prompts with the candidate ablated, among the {t.get('top_k')} best-bypass "
-                 f"candidates with KL ≤ {t.get('max_kl')} (ties: lower KL); chosen refuses {chosen.get('n_refused')}"
+                 f"{where}, with the candidate ablated, among the {t.get('top_k')} best-bypass candidates with KL ≤ "
+                 f"{t.get('max_kl')} (ties: lower KL); chosen refuses {chosen.get('n_refused')}"
                  f"/{gen.get('n_prompts')} (unablated {gen.get('baseline_refused')}/{gen.get('n_prompts')})")
     elif selection.get("rule") == "paper":
         text += (f". Rule: paper — lowest bypass score with KL ≤ {t.get('kl_threshold')}, induce ≥ "

@@ -47,14 +47,18 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
 
     c = run.config
     t0 = time.perf_counter()
-    tokens = _refusal_tokens(run, samples)
+    train_answers = _baseline_answers(run, samples.harmful_train, "refusal_tokens", "refusal_tokens_s") \
+        if not c.refusal_tokens or (c.select_rule == "generation" and c.select_train_prompts) else None
+    tokens = _refusal_tokens(run, train_answers)
     val = _validation(run, samples, tokens.ids)
     layers = parse_layers(c.select_layers, candidates.n_layers) if c.select_layers else None
     if c.select_rule == "paper":
         result, scores, thresholds, record = _select_paper(run, candidates, val, tokens.ids, layers)
     else:
-        judged_on = [i.text for i in samples.harmful_val]  # every harmful val prompt, not only the filtered
-        result, scores, thresholds, record = _select_generation(run, candidates, val, tokens.ids, layers, judged_on)
+        pool, pool_record = _pool(run, samples, train_answers)
+        result, scores, thresholds, record = _select_generation(run, candidates, val, tokens.ids, layers, pool,
+                                                                0 if "fallback" in pool_record else None)
+        record["generation"]["pool"] = pool_record
     run.timing("select_s", time.perf_counter() - t0)
     (run.out / "figures").mkdir(exist_ok=True)
     plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
@@ -71,24 +75,47 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
     return result.position, result.layer
 
 
-def _refusal_tokens(run: Run, samples: Samples):
-    """The config's refusal words, else the first tokens of the model's own greedy refusals of the harmful
-    training prompts (`selection.tokens`)."""
+def _baseline_answers(run: Run, instructions, name: str, timing: str):
+    """Greedy unablated answers (``select_new_tokens`` tokens) to ``instructions``."""
     from ..core.interventions import Baseline
-    from ..evaluation.refusal import is_refusal
     from ..generation import GenerationSettings, generate_all
-    from ..selection.tokens import configured_refusal_tokens, derive_refusal_tokens
 
     c = run.config
-    if c.refusal_tokens:
-        return configured_refusal_tokens(run.lm, c.refusal_tokens)
     t0 = time.perf_counter()
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    answers = generate_all(run.lm, [i.text for i in samples.harmful_train], [Baseline("refusal_tokens")], settings,
-                           progress=run.progress, backend=c.generation_backend)["refusal_tokens"]
-    tokens = derive_refusal_tokens(run.lm, answers, is_refusal)
-    run.timing("refusal_tokens_s", time.perf_counter() - t0)
-    return tokens
+    answers = generate_all(run.lm, [i.text for i in instructions], [Baseline(name)], settings,
+                           progress=run.progress, backend=c.generation_backend)[name]
+    run.timing(timing, time.perf_counter() - t0)
+    return answers
+
+
+def _refusal_tokens(run: Run, train_answers):
+    """The config's refusal words, else the first tokens of the model's own greedy refusals of the harmful
+    training prompts (`selection.tokens`)."""
+    from ..evaluation.refusal import is_refusal
+    from ..selection.tokens import configured_refusal_tokens, derive_refusal_tokens
+
+    if run.config.refusal_tokens:
+        return configured_refusal_tokens(run.lm, run.config.refusal_tokens)
+    return derive_refusal_tokens(run.lm, train_answers, is_refusal)
+
+
+def _pool(run: Run, samples: Samples, train_answers) -> tuple[list[str], dict]:
+    """The generation rule's judged pool: the harmful validation prompts the unablated model refuses, then up
+    to ``select_train_prompts`` refused harmful training prompts (their answers are the refusal tokens')."""
+    from ..evaluation.refusal import is_refusal
+    from ..selection import judged_pool
+
+    c = run.config
+    val_answers = _baseline_answers(run, samples.harmful_val, "selection_baseline", "selection_baseline_s")
+    train = [i.text for i in samples.harmful_train] if train_answers is not None else []
+    train_refused = [is_refusal(g.text) for g in train_answers] if train_answers is not None else []
+    pool, record = judged_pool([i.text for i in samples.harmful_val], [is_refusal(g.text) for g in val_answers],
+                               train, train_refused, c.select_train_prompts)
+    log.info("generation rule pool: %d of %d validation and %d of %d refused training prompts (the unablated "
+             "model refuses them)", record["n_val_refused"], record["n_val"], record["n_train_used"],
+             record["n_train_refused"])
+    return pool, record
 
 
 def _validation(run: Run, samples: Samples, refusal_ids: list[int]):
@@ -131,10 +158,9 @@ def _select_paper(run: Run, candidates: CandidateDirections, val, refusal_ids: l
 
 
 def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_ids: list[int], layers,
-                       judged_on: list[str]):
+                       pool: list[str], baseline_refused: int | None):
     """The generation rule: bypass and KL from the sweep (on the filtered validation prompts), then the top-k
-    eligible candidates judged by their ablated greedy answers to ``judged_on`` (every harmful validation prompt:
-    a prompt the model answers anyway adds no refusals, one it refuses is the signal) (`selection.generated`)."""
+    eligible candidates judged by their ablated greedy answers to ``pool`` (`_pool`; `selection.generated`)."""
     from .. import selection
     from ..generation import GenerationSettings
 
@@ -146,8 +172,8 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
         scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
                                             progress=run.progress, layers=layers, kinds=("bypass", "kl"))
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    result = selection.select_by_generation(lm, candidates, scores, judged_on, rule, settings,
-                                            c.generation_backend, run.progress)
+    result = selection.select_by_generation(lm, candidates, scores, pool, rule, settings,
+                                            c.generation_backend, run.progress, baseline_refused)
     thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
                                                prune_layer_fraction=c.prune_layer_fraction)
     return result, scores, thresholds, selection.generation_result_to_json(result, scores)

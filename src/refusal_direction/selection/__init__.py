@@ -29,6 +29,7 @@ from .generated import (
     GenerationResult,
     GenerationRule,
     generation_result_to_json,
+    judged_pool,
     prefilter,
     refusal_counts,
     select_by_generation,
@@ -70,6 +71,6 @@ __all__ = ["CandidateScore", "SelectionThresholds", "SelectionResult", "refusal_
            "common_opening", "CHECKED_DECODER", "select_lazy", "filter_and_rank", "discard_reasons",
            "describe_reason", "score_to_json", "scores_to_json", "scores_from_json", "load_scores", "result_to_json",
            "select_from_scores_file", "FilteredValidation", "filter_validation_checked", "required_prompts",
-           "GenerationRule", "GeneratedScore", "GenerationResult", "prefilter", "refusal_counts",
+           "GenerationRule", "GeneratedScore", "GenerationResult", "prefilter", "refusal_counts", "judged_pool",
            "select_by_generation", "generation_result_to_json", "RefusalTokens", "derive_refusal_tokens",
            "configured_refusal_tokens"]

@@ -5,10 +5,14 @@ else changed. This rule measures the first directly and keeps the proxy as a che
 
 1. pre-filter (from the sweep's scores): drop NaN scores, layers >= int(n_layers · (1 - prune_layer_fraction))
    and KL > ``max_kl``; keep the ``top_k`` lowest bypass scores;
-2. generate greedy answers (``new_tokens`` tokens) to the harmful validation prompts with each kept candidate
-   ablated, all candidates (and the unablated baseline) in one `generation.generate_all` call (one batch on
-   the fast CUDA path), and judge each answer with `evaluation.refusal.is_refusal`;
-3. choose the lowest refusal rate; ties are broken by the lower KL, then by the lower bypass score.
+2. the judged pool: harmful prompts the *unablated* model refuses (the caller builds it: the harmful
+   validation prompts it refuses, plus up to ``select_train_prompts`` refused harmful training prompts —
+   a prompt the model answers anyway carries no signal, and 16 of 32 validation prompts were too few to tell
+   candidates apart on Qwen2.5-Coder-0.5B: docs/SELECTION.md);
+3. generate greedy answers (``new_tokens`` tokens) to the pool with each kept candidate ablated, all
+   candidates in one `generation.generate_all` call (one batch on the fast CUDA path, `core.stacked`), and
+   judge each answer with `evaluation.refusal.is_refusal`;
+4. choose the lowest refusal rate; ties are broken by the lower KL, then by the lower bypass score.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Sequence
 
 from ..core.decoding import GenerationSettings
 from ..core.directions import CandidateDirections
-from ..core.interventions import Baseline, DirectionalAblation
+from ..core.interventions import DirectionalAblation
 from ..core.model import LoadedModel
 from ..errors import UserError
 from .rules import CandidateScore
@@ -71,7 +75,7 @@ class GenerationResult:
     discarded: tuple[tuple[CandidateScore, tuple[str, ...]], ...]
     rule: GenerationRule
     n_layers: int
-    baseline_refused: int  # harmful validation answers refused without any intervention
+    baseline_refused: int  # pool prompts refused without any intervention (all, unless none was refused)
     n_prompts: int
 
     @property
@@ -105,41 +109,57 @@ def prefilter(scores: Sequence[CandidateScore], n_layers: int,
 
 def refusal_counts(lm: LoadedModel, candidates: CandidateDirections, keys: Sequence[tuple[int, int]],
                    harmful: Sequence[str], settings: GenerationSettings, backend: str = "auto",
-                   progress: bool = False) -> tuple[int, list[int]]:
-    """(baseline refusals, refusals with each candidate at ``keys`` ablated) among greedy answers to ``harmful``.
+                   progress: bool = False) -> list[int]:
+    """Refusals among greedy answers to ``harmful`` with each candidate at ``keys`` ablated.
 
-    One `generate_all` call: every candidate (and the baseline) is one condition, batched together on the fast
-    path; answers are judged with `evaluation.refusal.is_refusal`.
+    One `generate_all` call: every candidate is one condition, batched together on the fast path; answers are
+    judged with `evaluation.refusal.is_refusal`.
     """
     from ..evaluation.refusal import is_refusal
     from ..generation import generate_all
 
-    interventions = [Baseline("selection_baseline")] + [
-        DirectionalAblation(candidates.get(p, layer).vector, name=f"selection_ablation_p{p}_l{layer}")
-        for p, layer in keys]
+    interventions = [DirectionalAblation(candidates.get(p, layer).vector, name=f"selection_ablation_p{p}_l{layer}")
+                     for p, layer in keys]
     out = generate_all(lm, list(harmful), interventions, settings, progress=progress, backend=backend)
-    counts = [sum(is_refusal(g.text) for g in out[iv.name]) for iv in interventions]
-    return counts[0], counts[1:]
+    return [sum(is_refusal(g.text) for g in out[iv.name]) for iv in interventions]
 
 
 def select_by_generation(lm: LoadedModel, candidates: CandidateDirections, scores: Sequence[CandidateScore],
-                         harmful: Sequence[str], rule: GenerationRule, settings: GenerationSettings,
-                         backend: str = "auto", progress: bool = False) -> GenerationResult:
+                         pool: Sequence[str], rule: GenerationRule, settings: GenerationSettings,
+                         backend: str = "auto", progress: bool = False,
+                         baseline_refused: int | None = None) -> GenerationResult:
     """Pre-filter ``scores`` (the sweep's bypass and KL), judge the kept candidates' ablated answers to
-    ``harmful``, and choose the lowest refusal rate (ties: lower KL). Raises UserError when none is eligible."""
+    ``pool`` (harmful prompts the unablated model refuses: ``baseline_refused`` defaults to all of them), and
+    choose the lowest refusal rate (ties: lower KL). Raises UserError when no candidate is eligible."""
     kept, discarded = prefilter(scores, candidates.n_layers, rule)
     if not kept:
         raise UserError(nothing_eligible_message(scores, candidates.n_layers, rule))
     settings = GenerationSettings(rule.new_tokens, settings.batch_size, settings.stop_at_end_of_turn)
-    base, counts = refusal_counts(lm, candidates, [(s.position, s.layer) for s in kept], harmful, settings,
-                                  backend, progress)
-    judged = sorted((GeneratedScore(s, n, len(harmful)) for s, n in zip(kept, counts)), key=GeneratedScore.rank_key)
+    counts = refusal_counts(lm, candidates, [(s.position, s.layer) for s in kept], pool, settings, backend,
+                            progress)
+    judged = sorted((GeneratedScore(s, n, len(pool)) for s, n in zip(kept, counts)), key=GeneratedScore.rank_key)
     best = judged[0]
-    log.info("generation rule: position %d, layer %d refuses %d/%d harmful validation prompts ablated "
-             "(baseline %d/%d) at KL %.4f; %d candidates judged, %d eligible of %d", best.score.position,
-             best.score.layer, best.n_refused, len(harmful), base, len(harmful), best.score.kl, len(kept),
-             len(kept) + sum(1 for _, r in discarded if r == (NOT_TOP_K,)), len(scores))
-    return GenerationResult(tuple(judged), tuple(discarded), rule, candidates.n_layers, base, len(harmful))
+    log.info("generation rule: position %d, layer %d still refuses %d of %d pool prompts ablated at KL %.4f; "
+             "%d candidates judged, %d eligible of %d", best.score.position, best.score.layer, best.n_refused,
+             len(pool), best.score.kl, len(kept), len(kept) + sum(1 for _, r in discarded if r == (NOT_TOP_K,)),
+             len(scores))
+    return GenerationResult(tuple(judged), tuple(discarded), rule, candidates.n_layers,
+                            len(pool) if baseline_refused is None else baseline_refused, len(pool))
+
+
+def judged_pool(val: Sequence[str], val_refused: Sequence[bool], train: Sequence[str],
+                train_refused: Sequence[bool], max_train: int) -> tuple[list[str], dict]:
+    """The pool of prompts the unablated model refuses (validation, then up to ``max_train`` training ones)
+    and its record; all validation prompts when it refuses none (no signal either way: logged)."""
+    v = [x for x, r in zip(val, val_refused, strict=True) if r]
+    t = [x for x, r in zip(train, train_refused, strict=True) if r][:max_train]
+    record = {"n_val": len(val), "n_val_refused": len(v), "n_train": len(train), "n_train_refused":
+              sum(map(bool, train_refused)), "n_train_used": len(t), "max_train": max_train}
+    if not v and not t:
+        log.warning("generation rule: the unablated model refuses none of the %d validation and %d training "
+                    "prompts; judging on every validation prompt (there is no refusal to remove)", len(val), len(train))
+        return list(val), {**record, "fallback": "all validation prompts (none refused)"}
+    return v + t, record
 
 
 def nothing_eligible_message(scores: Sequence[CandidateScore], n_layers: int, rule: GenerationRule) -> str:
