@@ -115,3 +115,31 @@ def test_fast_generation_with_stacked_conditions_gives_hf_generates_tokens(tiny_
         ref = generate_hf(tiny_lm, PROMPTS, iv, settings)
         assert [g.token_ids for g in fast[iv.name]] == [g.token_ids for g in ref], iv.name
     assert len({tuple(tuple(g.token_ids) for g in fast[iv.name]) for iv in conds}) > 2  # the conditions differ
+
+
+@torch.no_grad()
+def test_norm_preserving_ablations_stack_and_equal_each_alone(tiny_lm):
+    from refusal_direction.export.method_edits import norm_preserving_ablation
+
+    lm = tiny_lm
+    g = torch.Generator().manual_seed(3)
+    conds = [Baseline("b"), norm_preserving_ablation(lm, torch.randn(lm.d_model, generator=g), name="np1"),
+             DirectionalAblation(torch.randn(lm.d_model, generator=g), name="dim"),
+             norm_preserving_ablation(lm, torch.randn(lm.d_model, generator=g), name="np2")]
+    enc = lm.tokenize(PROMPTS)
+    n = len(PROMPTS)
+    plain = _logits(lm, enc)
+    batch = {k: v.repeat(len(conds), 1) for k, v in enc.items()}
+    cond_of_row = torch.arange(len(conds) * n) // n
+    switches = [(cond_of_row == c).to(lm.dtype) for c in range(len(conds))]
+    with apply_interventions(lm, conds, switches) as hooked:
+        assert hooked == {"stacked": 2, "switched": 2}  # the two norm-preserving ones; one projection stays switched
+        together = _logits(lm, batch).view(len(conds), n, *plain.shape[1:])
+    for c, iv in enumerate(conds):
+        with apply_intervention(lm, iv):
+            alone = _logits(lm, enc)
+        if isinstance(iv, Baseline):
+            assert torch.equal(together[c], alone)
+        else:
+            torch.testing.assert_close(together[c], alone, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(alone, plain, atol=1e-3)

@@ -11,7 +11,9 @@ k = 1, w by writer and layer) — expose that form as ``projection_form(lm) -> (
 sites ``("resid_pre", l)``, ``("attn_out", l)``, ``("mlp_out", l)``. `apply_interventions` stacks them: one
 [rows, k_max, d] tensor of per-row bases (zero rows where a condition has fewer vectors or none) and one
 [rows] weight vector per site, one hook per site that does the projection of every row at once (a row whose
-weight is 0 comes back exactly as it was). Every other intervention is hooked with its own per-row switch.
+weight is 0 comes back exactly as it was). A type that is no projection but can stack its own instances
+(``stack_hooks(lm, group, switches) -> handles``: the norm-preserving ablation's per-row writer scales) does so
+when two or more share a batch. Every other intervention is hooked with its own per-row switch.
 
 With a single projection-form condition the batch keeps the per-row switch path (`ablate`'s two kernels are
 faster than a batched product with k = 1), so a stacked row and a switched row agree to rounding, not bit for
@@ -64,6 +66,15 @@ def project_rows(x: torch.Tensor, bases: torch.Tensor, w: torch.Tensor) -> torch
     return (flat - torch.bmm(proj, bases)).view_as(x)
 
 
+def _groups(interventions: Sequence, done: set) -> dict:
+    """{type: indices} of the not yet stacked interventions whose type stacks itself (``stack_hooks``), 2+ each."""
+    groups: dict = {}
+    for i, iv in enumerate(interventions):
+        if i not in done and hasattr(type(iv), "stack_hooks"):
+            groups.setdefault(type(iv), []).append(i)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
 def _hook_stacked(lm: LoadedModel, bases: torch.Tensor, weights: dict) -> list:
     handles = []
     for (site, layer), w in weights.items():
@@ -94,10 +105,16 @@ def apply_interventions(lm: LoadedModel, interventions: Sequence, switches: Sequ
             if stack_idx:
                 bases, weights = _stack(lm, [forms[i] for i in stack_idx], [switches[i] for i in stack_idx])
                 handles += _hook_stacked(lm, bases, weights)
+            done = set(stack_idx)
+            for kind, idx in _groups(interventions, done).items():  # e.g. norm-preserving ablations
+                got = kind.stack_hooks(lm, [interventions[i] for i in idx], [switches[i] for i in idx])
+                if got is not None:
+                    handles += got
+                    done.update(idx)
             for i, (iv, switch) in enumerate(zip(interventions, switches, strict=True)):
-                if i not in stack_idx:
+                if i not in done:
                     stack.enter_context(apply_intervention(lm, iv, rows=switch))
-            yield {"stacked": len(stack_idx), "switched": len(interventions) - len(stack_idx)}
+            yield {"stacked": len(done), "switched": len(interventions) - len(done)}
         finally:
             for h in handles:
                 h.remove()

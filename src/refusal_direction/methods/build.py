@@ -51,23 +51,40 @@ class Subspace:
         return int(self.basis.shape[0])
 
 
+_SVD_CACHE: dict[tuple, tuple] = {}  # (id, version, shape, cutoff) of the candidates -> their SVD
+
+
+def _candidate_svd(vectors: torch.Tensor, cutoff: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(rows used, singular values, right singular vectors) of the unit candidates of layers < ``cutoff``;
+    computed once per candidates tensor (a search builds hundreds of subspaces from the same candidates)."""
+    key = (id(vectors), vectors._version, tuple(vectors.shape), cutoff)
+    hit = _SVD_CACHE.get(key)
+    if hit is not None and hit[0] is vectors:
+        return hit[1]
+    rows = vectors[:, :cutoff].reshape(-1, vectors.shape[-1]).double()  # [n_pos * cutoff, d]
+    rows = rows[rows.norm(dim=-1) > 1e-6 * rows.norm(dim=-1).max()]  # drop empty candidates (same token)
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    if len(_SVD_CACHE) >= 4:
+        _SVD_CACHE.clear()
+    _SVD_CACHE[key] = (vectors, (int(rows.shape[0]), s, vh))
+    return int(rows.shape[0]), s, vh
+
+
 def refusal_subspace(candidates: CandidateDirections, direction: Direction, variance: float = 0.5,
                      k_max: int = 4, prune_layer_fraction: float = 0.2) -> Subspace:
     """The k-dimensional subspace of the module docstring; ``variance`` in (0, 1], ``k_max`` >= 1."""
     if not 0 < variance <= 1 or k_max < 1:
         raise UserError(f"subspace rule needs 0 < variance <= 1 and k_max >= 1 (got {variance}, {k_max})")
     cutoff = max(1, int(candidates.n_layers * (1 - prune_layer_fraction)))
-    rows = candidates.vectors[:, :cutoff].reshape(-1, candidates.d_model).double()  # [n_pos * cutoff, d]
-    rows = rows[rows.norm(dim=-1) > 1e-6 * rows.norm(dim=-1).max()]  # drop empty candidates (same token)
-    rows = rows / rows.norm(dim=-1, keepdim=True)
-    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    n_rows, s, vh = _candidate_svd(candidates.vectors, cutoff)
     share = torch.cumsum(s ** 2, 0) / (s ** 2).sum()  # [rank]
     k = min(k_max, int((share < variance - 1e-12).sum()) + 1, int(vh.shape[0]))
     stacked = torch.cat([direction.unit().double()[None], vh[:k]], dim=0).T  # [d, k + 1]
     q, rr = torch.linalg.qr(stacked)
     keep = rr.diagonal().abs() > 1e-8 * rr.diagonal().abs().max()
     basis = (q[:, keep].T)[:k]  # [k, d]
-    rule = (f"top singular vectors of {rows.shape[0]} unit candidates (positions x layers < {cutoff}); smallest k "
+    rule = (f"top singular vectors of {n_rows} unit candidates (positions x layers < {cutoff}); smallest k "
             f"explaining >= {variance:.0%} of the variance, capped at {k_max}; reference direction first")
     return Subspace(basis.contiguous(), tuple(float(x) for x in share[:max(k, 1)]), rule)
 

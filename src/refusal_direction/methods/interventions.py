@@ -230,6 +230,52 @@ class NormPreservingAblation:
             handles.append(_hook_out(w.module, post))
         return handles
 
+    @staticmethod
+    def stack_hooks(lm: LoadedModel, group: Sequence["NormPreservingAblation"], switches: Sequence[torch.Tensor]
+                    ) -> list | None:
+        """One hook per module for several norm-preserving ablations, each on its own rows (`core.stacked`):
+        per-row directions, writer input scales and bias shifts (ones / zeros on rows of none of them, which
+        come back exactly as they were). None when the group does not share its modules (hook them singly)."""
+        first = group[0]
+        if any([m for m in g.embeddings] != [m for m in first.embeddings] or
+               [w.module for w in g.writers] != [w.module for w in first.writers] for g in group[1:]):
+            return None
+        dev, dt, rows = lm.device, lm.dtype, switches[0].shape[0]
+        on = [sw.to(dev).bool() for sw in switches]
+        r_rows = torch.zeros(rows, lm.d_model, device=dev, dtype=dt)
+        for g, mask in zip(group, on, strict=True):
+            r_rows[mask] = unit(g.direction).to(device=dev, dtype=dt)
+        any_on = torch.stack(on).any(0).view(-1, 1, 1)
+
+        def project(x):  # x − (x·r_b) r_b per row (r_b = 0 on rows off)
+            flat = x.reshape(rows, -1, x.shape[-1])
+            return (flat - torch.bmm(flat, r_rows.unsqueeze(-1)) * r_rows.unsqueeze(1)).view_as(x)
+
+        def embed(e):
+            removed = project(e)
+            ratio = e.norm(dim=-1, keepdim=True) / removed.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+            return torch.where(any_on.view(-1, *([1] * (e.dim() - 1))), removed * ratio, e)
+
+        handles = [_hook_out(m, embed) for m in first.embeddings]
+        for j, module in enumerate(w.module for w in first.writers):
+            scale = torch.ones(rows, first.writers[j].scale.shape[0], device=dev, dtype=dt)
+            shift = torch.zeros(rows, lm.d_model, device=dev, dtype=dt)
+            for g, mask in zip(group, on, strict=True):
+                scale[mask] = g.writers[j].scale.to(device=dev, dtype=dt)
+                if g.writers[j].bias_delta is not None:
+                    shift[mask] = g.writers[j].bias_delta.to(device=dev, dtype=dt)
+
+            def pre(module, args, kwargs, scale=scale):
+                a = args[0]
+                return (a * scale.view(rows, *([1] * (a.dim() - 2)), -1),) + tuple(args[1:]), kwargs
+
+            def post(y, shift=shift):
+                return project(y) + shift.view(rows, *([1] * (y.dim() - 2)), -1)
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(_hook_out(module, post))
+        return handles
+
 
 __all__ = ["SubspaceAblation", "LayerKernelAblation", "AffineAblation", "AffineAddition", "WriterEdit",
            "NormPreservingAblation"]
