@@ -198,7 +198,7 @@ def load_model(
     ("0=60GiB,cpu=200GiB" or a dict) dispatch the model over GPUs, CPU and disk with accelerate
     (`core.placement`; docs/SCALING.md); ``device`` is then ignored except for the dtype choice.
     """
-    from transformers import AutoModelForCausalLM
+    from .gguf_cache import load_causal_lm
 
     device = resolve_device(device)
     dispatch = dispatch_kwargs(device_map, max_memory, offload_folder)
@@ -208,7 +208,7 @@ def load_model(
     token = os.environ.get("HF_TOKEN")
     try:
         tokenizer = load_tokenizer(source, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, token=token, **kwargs, **dispatch)
+        hf_model = load_causal_lm(source, torch_dtype, token, kwargs, dispatch)  # a GGUF: converted once, cached
     except Exception as exc:  # translate hub/gating/offline failures into actionable messages
         raise hub_error(model, exc) from exc
     if not dispatch:

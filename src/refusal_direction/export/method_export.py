@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..core.gguf_cache import drop_gguf_quantizer_
 from ..core.interventions import apply_intervention
 from ..core.model import LoadedModel, find_blocks
 from ..errors import UserError
@@ -25,7 +26,6 @@ from ..fileio import atomic_write_json, atomic_write_text
 from .card import EXPORT_INFO, _move_into_place
 from .card import check_out_dir as _check_out_dir
 from .method_edits import method_weights_
-from .save import _drop_gguf_quantizer_
 from .verify import _greedy
 
 
@@ -41,7 +41,7 @@ def export_method_model(lm: LoadedModel, intervention, out_dir: str | os.PathLik
         raise UserError("the model has forward hooks attached; export from the plain model outside any intervention")
     model = copy.deepcopy(lm.model)
     edited = method_weights_(model, intervention)
-    _drop_gguf_quantizer_(model)  # a dequantized GGUF model is dense; its GGUF quantizer cannot be saved
+    drop_gguf_quantizer_(model)  # a dequantized GGUF model is dense; its GGUF quantizer cannot be saved
     info = {"tool": "refusal-direction", "tool_version": __version__,
             "purpose": "safety research and evaluation only; not for deployment or upload",
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

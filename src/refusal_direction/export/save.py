@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.directions import Direction
+from ..core.gguf_cache import drop_gguf_quantizer_
 from ..core.model import LoadedModel
 from ..errors import UserError
 from .card import EXPORT_INFO, check_out_dir, provenance, staged_export, write_model_card
@@ -50,7 +51,7 @@ def export_model(
     log.info("copying %s for export (a second copy of the weights on %s)", lm.model_id, lm.device)
     model = copy.deepcopy(lm.model)
     edited = orthogonalize_weights_(model, direction)
-    _drop_gguf_quantizer_(model)
+    drop_gguf_quantizer_(model)
     quantizer = getattr(lm.model, "hf_quantizer", None)
     gguf = str(lm.model_id).endswith(".gguf") or _is_gguf(
         getattr(getattr(quantizer, "quantization_config", None), "quant_method", None))
@@ -63,18 +64,6 @@ def export_model(
         write_model_card(tmp, info)
     log.info("exported orthogonalized model to %s", out_dir)
     return out_dir
-
-
-def _drop_gguf_quantizer_(model: nn.Module) -> None:
-    """A dequantized GGUF model is dense but still carries its (unserializable) GGUF quantizer; drop it."""
-    if getattr(model, "hf_quantizer", None) is None:
-        return
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    log.info("saving the dequantized GGUF weights as a plain safetensors checkpoint")
 
 
 def read_export_info(model_dir: str | os.PathLike) -> dict:
