@@ -3,7 +3,7 @@
 # GGUF assembled from parts copied to /tmp/blob beforehand, wheels the machine lacks carried in .whl/, the data
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
-#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize bench8b
+#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optkill bench8b
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -62,6 +62,13 @@ for step in "$@"; do
       keep optimize $RUNS/optimize/optimize/summary.json $RUNS/optimize/optimize/front.md \
            $RUNS/optimize/optimize/front.json $RUNS/optimize/optimize/front.png $RUNS/optimize/optimize/final.json \
            $RUNS/optimize/optimize/final.md $RUNS/optimize/optimize/export.json $RUNS/optimize/timings.json;;
+    optkill)  # #17: kill -9 during the search, re-run: the study continues (trial count and best values kept)
+      timeout -s KILL "${KILL_AFTER:-45}" python -m refusal_direction optimize --model $GGUF --out $RUNS/optkill \
+          --trials 200 --batch-trials 25 --seed 1 --no-export --n-xstest 0 > $RUNS/optkill-1.log 2>&1 || echo "killed: rc $?"
+      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/optkill-before.txt
+      time rd optimize --model $GGUF --out $RUNS/optkill --trials 200 --batch-trials 25 --seed 1 --no-export --n-xstest 0
+      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/optkill-after.txt
+      keep optkill $RUNS/optkill-before.txt $RUNS/optkill-after.txt $RUNS/optkill/optimize/summary.json;;
     bench8b)  # #18: Llama-3-8B's shape with random weights
       time rd bench --model llama-3-8b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
           --json $RUNS/bench8b.json
