@@ -42,7 +42,8 @@ for step in "$@"; do
     auto)  # #14/#15: automatic selection with no config, the paper's protocol, XSTest conditions
       time rd replicate --model $GGUF --select auto --out $RUNS/auto
       keep auto $RUNS/auto/figures/selection_heatmaps.png $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
-           $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log;;
+           $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log
+      keep auto-completions $RUNS/auto/completions/*.json;;  # for re-judging here; never committed
     study)  # #14: every candidate direction judged by what it does (benchmarks/selection_study.py)
       time python benchmarks/selection_study.py --model $GGUF --out $RUNS/study --json $RUNS/study.json
       keep study $RUNS/study.json $RUNS/study/selection.json;;
