@@ -22,6 +22,7 @@ block's input only, and any edit of the writers before it also changes what the 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable
 
 import torch
@@ -170,11 +171,23 @@ def norm_preserving_weights_(model, direction: torch.Tensor) -> EditedWeights:
     return edit_written_vectors_(model, lambda kind, layer, v: _norm_preserved(v, r))
 
 
+_WRITERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _writers_of(lm: LoadedModel) -> list:
+    """`find_residual_writers` of ``lm.model``, found once per model (it runs a probe forward pass; a search
+    builds this ablation for every trial)."""
+    found = _WRITERS.get(lm.model)
+    if found is None:
+        found = _WRITERS[lm.model] = find_residual_writers(lm.model, lm.blocks)
+    return found
+
+
 def norm_preserving_ablation(lm: LoadedModel, direction: torch.Tensor, name: str = "norm_preserving"
                              ) -> NormPreservingAblation:
     """The hook form of `norm_preserving_weights_` on ``lm`` (its writers' input scales and bias shifts)."""
     r_cpu = _unit(direction)
-    writers = find_residual_writers(lm.model, lm.blocks)
+    writers = _writers_of(lm)
     edits = []
     for module in writers:  # in float64 on the weight's own device (a GPU does the 0.5B model's writers in ms)
         w = module.weight.detach().to(torch.float64)

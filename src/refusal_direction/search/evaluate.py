@@ -62,6 +62,7 @@ class TrialEvaluator:
     max_rows: int = 512  # rows per KL forward pass
     _base: torch.Tensor | None = field(default=None, repr=False)  # [n_harmless, vocab]
     _enc: dict | None = field(default=None, repr=False)
+    _verdicts: dict = field(default_factory=dict, repr=False)  # (prompt index, answer) -> the judge's verdict
 
     def _harmless_batch(self, copies: int) -> dict:
         if self._enc is None:
@@ -97,9 +98,14 @@ class TrialEvaluator:
         from ..generation import generate_all
 
         gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend)
+        new = {(i, g.text) for iv in interventions for i, g in enumerate(gens[iv.name])} - self._verdicts.keys()
+        if new:  # each distinct (prompt, answer) is judged once per search: many trials give the same answers
+            todo = sorted(new)
+            verdicts = self.judge.judge([self.harmful[i] for i, _ in todo], [t for _, t in todo])
+            self._verdicts.update(zip(todo, verdicts, strict=True))
         counts = []
         for iv in interventions:
-            verdicts = self.judge.judge(list(self.harmful), [g.text for g in gens[iv.name]])
+            verdicts = [self._verdicts[(i, g.text)] for i, g in enumerate(gens[iv.name])]
             counts.append((sum(v is not False for v in verdicts), len(verdicts)))
         return counts
 
