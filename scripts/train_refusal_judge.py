@@ -11,7 +11,18 @@ leave-one-file-out split).
 
 Configurations (``--config``):
 
-- ``v2`` (default, the packaged model): the first 300 normalised characters; two scikit-learn
+- ``v3`` (default, the packaged model): as ``v2`` below (the same two n-gram blocks beside the rule
+  signals), but ``LogisticRegression(C=30, solver="liblinear")``, no class weights, and no OR with the
+  rules: refusal when logit + 3 * (rule verdict) > 0 (``combine = "rule_bonus"``, ``rule_bonus = 3``), so
+  the rule judge's refusals get a head start of 3 on the logit that the n-grams can still overrule (v2's
+  OR let the rules' false positives through: in-sample 94.2 % on llama2orig). Configuration 401 of
+  ``scripts/judge_experiments.py --round 3`` (log: ``judge_experiments_round3.log``), picked by the rule
+  fixed before that run: the best worst-file leave-one-file-out agreement, ties to the best mean. That
+  LOFO (96.7 / 94.2 / 93.8 %) is optimistic for the chosen configuration; the nested leave-one-file-out
+  estimate of the whole selection procedure is 95.3 / 93.6 / 93.6 % (gpt4 / llama2orig /
+  mistralinstruct), stored under ``training_report.selection``. Written in format v3 (v2 plus
+  ``settings.rule_bonus``).
+- ``v2`` (the previous packaged model): the first 300 normalised characters; two scikit-learn
   ``TfidfVectorizer`` blocks, word 1-2-grams (min_df 2) and ``char_wb`` 2-5-grams (min_df 2, no
   max_features: 25,097 char n-grams on the three files, ~2 MB of JSON; min_df 3 would give the same
   leave-one-file-out numbers with 19,800), sublinear tf, each block L2-normalised; beside the rule
@@ -20,8 +31,9 @@ Configurations (``--config``):
   ``scripts/judge_experiments.py`` (log: ``judge_experiments_round2.log``). It was chosen after seeing
   the leave-one-file-out numbers of all three files, so those are optimistic for it; the nested
   leave-one-file-out estimate of the whole selection procedure is 95.8 / 93.8 / 93.6 % (gpt4 /
-  llama2orig / mistralinstruct), stored under ``training_report.selection``.
-- ``v1`` (the previous packaged model, for reproducibility): word 1-2-grams only, lbfgs, the
+  llama2orig / mistralinstruct), stored under ``training_report.selection``. Log:
+  ``train_refusal_judge_v2.log``.
+- ``v1`` (the model before v2, for reproducibility): word 1-2-grams only, lbfgs, the
   logistic regression alone; written in format v1 (one block, keys at the top level).
 
 Written to ``src/refusal_direction/evaluation/judge_model.json`` (blocks: vocabulary, idf, analyzer;
@@ -35,7 +47,7 @@ rule and learned judges (the learned judge's per-file numbers are IN-SAMPLE: it 
 three files), and leave-one-file-out agreement (fit on two files, test on the third: the estimate
 for a model the judge never saw), per file and pooled. Needs ``pip install -e '.[train]'``.
 
-    python scripts/train_refusal_judge.py --data-dir ../shared/datasets [--config v1|v2]
+    python scripts/train_refusal_judge.py --data-dir ../shared/datasets [--config v1|v2|v3]
 """
 
 from __future__ import annotations
@@ -78,14 +90,29 @@ CONFIGS = {
            "tfidf_weight": 1.0, "C": 10.0, "solver": "lbfgs", "class_weight": None, "combine": "lr"},
     "v2": {"format": "refusal-direction learned judge v2", "blocks": [WORD, CHAR], "opening_chars": 300,
            "tfidf_weight": 1.0, "C": 10.0, "solver": "liblinear", "class_weight": None, "combine": "or_rules"},
+    "v3": {"format": "refusal-direction learned judge v3", "blocks": [WORD, CHAR], "opening_chars": 300,
+           "tfidf_weight": 1.0, "C": 30.0, "solver": "liblinear", "class_weight": None, "combine": "rule_bonus",
+           "rule_bonus": 3.0},
 }
-# scripts/judge_experiments.py (judge_experiments_round2.log): how the v2 configuration was chosen.
-SELECTION = {
-    "experiments": "scripts/judge_experiments.py, log scripts/judge_experiments_round2.log, configuration 21",
-    "post_hoc": "chosen after seeing the leave-one-file-out agreement of all three files (optimistic)",
-    "nested_lofo": {"gpt4": 0.958, "llama2orig": 0.938, "mistralinstruct": 0.936},
-    "nested_lofo_note": "per held-out file, the configuration chosen by inner LOFO on the other two files, "
-                        "refitted on both and tested on the held-out one: the estimate of the selection procedure",
+# scripts/judge_experiments.py: how the v2 and v3 configurations were chosen.
+NESTED_NOTE = ("per held-out file, the configuration chosen by the same rule on inner LOFO over the other two files, "
+               "refitted on both and tested on the held-out one: the estimate of the selection procedure")
+SELECTIONS = {
+    "v2": {"experiments": "scripts/judge_experiments.py --round 2, log scripts/judge_experiments_round2.log, "
+                          "configuration 21",
+           "post_hoc": "chosen after seeing the leave-one-file-out agreement of all three files (optimistic)",
+           "nested_lofo": {"gpt4": 0.958, "llama2orig": 0.938, "mistralinstruct": 0.936},
+           "nested_lofo_note": NESTED_NOTE},
+    "v3": {"experiments": "scripts/judge_experiments.py --round 3, log scripts/judge_experiments_round3.log, "
+                          "configuration 401 of 432",
+           "rule": "best worst-file LOFO agreement, ties to the best mean LOFO, then grid order (fixed before the run)",
+           "post_hoc": "chosen by the LOFO agreement of all three files, so that LOFO is optimistic for it; "
+                       "in-sample agreement was printed but not used; the grid (bonus values, C up to 30, the "
+                       "chosen value) was shaped by a quick earlier look at LOFO and in-sample agreement",
+           "nested_lofo": {"gpt4": 0.953, "llama2orig": 0.936, "mistralinstruct": 0.936},
+           "nested_lofo_k": {"gpt4": 429, "llama2orig": 421, "mistralinstruct": 421, "n_per_file": 450},
+           "nested_chosen": {"gpt4": 191, "llama2orig": 286, "mistralinstruct": 221},
+           "nested_lofo_note": NESTED_NOTE},
 }
 
 
@@ -116,7 +143,7 @@ def analyzer_mismatches(config: str, completions: list[str]) -> list[tuple[str, 
     return bad
 
 
-def fit(completions: list[str], labels: list[int], config: str = "v2") -> dict:
+def fit(completions: list[str], labels: list[int], config: str = "v3") -> dict:
     """Fit ``config`` on ``completions``; the JSON-ready parameters (numpy inference reproduces sklearn)."""
     cfg = CONFIGS[config]
     texts = [opening_text(c, cfg["opening_chars"]) for c in completions]
@@ -131,7 +158,8 @@ def fit(completions: list[str], labels: list[int], config: str = "v2") -> dict:
     for b, v in zip(cfg["blocks"], vecs):
         vocab = {term: int(j) for term, j in sorted(v.vocabulary_.items(), key=lambda kv: kv[1])}
         blocks.append({**b, "vocabulary": vocab, "idf": v.idf_.tolist()})
-    settings = {k: cfg[k] for k in ("opening_chars", "tfidf_weight", "C", "solver", "class_weight", "combine")}
+    settings = {k: cfg[k] for k in ("opening_chars", "tfidf_weight", "C", "solver", "class_weight", "combine",
+                                    "rule_bonus") if k in cfg}
     params = {"format": cfg["format"], "config": config}
     if config == "v1":
         (b,) = blocks
@@ -166,8 +194,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="v2",
-                    help="v2: word + char_wb blocks, rules OR learned (default); v1: the previous word-only model")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="v3",
+                    help="v3: word + char_wb blocks, rule bonus 3 on the logit (default); v2: the same blocks, "
+                         "rules OR learned; v1: the word-only model")
     args = ap.parse_args()
     data_dir = resolve_data_dir(args.data_dir, download=False)
     for rel, item in XSTEST_FILES.items():
@@ -216,8 +245,8 @@ def main() -> None:
         pooled_y += labels[m]
     report["leave_one_file_out"]["pooled"] = agreement(pooled_pred, pooled_y)
     show("pooled", report["leave_one_file_out"]["pooled"])
-    if args.config == "v2":
-        report["selection"] = SELECTION
+    if args.config in SELECTIONS:
+        report["selection"] = SELECTIONS[args.config]
     params["training_report"] = report
     params["provenance"] = {"data": "XSTest v2 completions (gpt4, llama2orig, mistralinstruct), "
                                     "paul-rottger/exaggerated-safety@d7bb5bd738c1fcbc36edd83d5e7d1b71a3e2d84d",

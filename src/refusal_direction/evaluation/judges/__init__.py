@@ -6,7 +6,8 @@ the LLM judge may return None for an answer it could not read. Judges without a 
 - ``substring``: the paper's 12 substrings (the headline score, for parity);
 - ``rules``: named patterns for the shapes refusals take (`rules.py`);
 - ``learned``: logistic regression on TF-IDF word and char n-grams + rule signals, fitted on XSTest's
-  human labels, OR the rule verdict (`learned.py`, parameters in ``evaluation/judge_model.json``).
+  human labels, the rule verdict adding a fixed bonus to its logit (`learned.py`, parameters in
+  ``evaluation/judge_model.json``).
 
 The LLM judge (`llm.LLMJudge`) needs a loaded chat model and is built directly, not by name.
 """
