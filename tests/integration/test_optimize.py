@@ -75,6 +75,20 @@ def test_optimize_cli_writes_front_final_and_verified_export(optimized):
     assert (d / "export" / "config.json").is_file()
 
 
+def test_a_bfloat16_search_exports_and_verifies_in_float32(optimized, tmp_path):
+    """The search in bfloat16; the chosen edit exported from a float32 load, verified at float32's tolerance."""
+    model, _, toml = optimized
+    cfg = tmp_path / "bf16.toml"
+    cfg.write_text(toml.read_text() + 'dtype = "bfloat16"\n')
+    out = tmp_path / "bf16"
+    cli("optimize", "--model", model, "--out", out, "--config", cfg, "--trials", "2", *FAST)
+    export = json.loads((out / "optimize" / "export.json").read_text())
+    assert export["verify"]["dtype"] == "float32" and export["verify"]["tol"] == 1e-4
+    assert export["verify"]["ok"], export["verify"]
+    info = json.loads((out / "optimize" / "export" / "config.json").read_text())
+    assert info.get("torch_dtype", info.get("dtype")) == "float32"
+
+
 def test_first_trial_is_the_papers_dim_ablation(optimized):
     _, out, _ = optimized
     study = open_study(out / "optimize" / "study.journal", seed=0)

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.interventions import Intervention
-from ..core.stacked import apply_interventions
 from ..core.model import LoadedModel
 from ..core.padding import left_pad, pad_id, position_ids
+from ..core.stacked import apply_interventions
 from .folded_attention import folded_gqa_attention
 from .fusion import fused_kernels, restricted_sdpa
 

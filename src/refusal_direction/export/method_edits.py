@@ -171,7 +171,7 @@ def norm_preserving_weights_(model, direction: torch.Tensor) -> EditedWeights:
     return edit_written_vectors_(model, lambda kind, layer, v: _norm_preserved(v, r))
 
 
-_WRITERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_WRITERS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _writers_of(lm: LoadedModel) -> list:

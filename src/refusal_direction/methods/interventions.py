@@ -231,7 +231,7 @@ class NormPreservingAblation:
         return handles
 
     @staticmethod
-    def stack_hooks(lm: LoadedModel, group: Sequence["NormPreservingAblation"], switches: Sequence[torch.Tensor]
+    def stack_hooks(lm: LoadedModel, group: Sequence[NormPreservingAblation], switches: Sequence[torch.Tensor]
                     ) -> list | None:
         """One hook per module for several norm-preserving ablations, each on its own rows (`core.stacked`):
         per-row directions, writer input scales and bias shifts (ones / zeros on rows of none of them, which

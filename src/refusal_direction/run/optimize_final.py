@@ -99,7 +99,7 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
     from ..export.method_export import export_method_model, verify_method_export
     from ..search import build_intervention
 
-    lm, c = run.lm, run.config
+    c = run.config
     out = d / "export"
     record_path = d / "export.json"
     if record_path.is_file() and out.is_dir():

@@ -25,8 +25,8 @@ from typing import Sequence
 import torch
 
 from ..core.decoding import GenerationSettings
-from ..core.stacked import apply_interventions
 from ..core.model import LoadedModel
+from ..core.stacked import apply_interventions
 from ..evaluation.capability import position_ids
 
 log = logging.getLogger(__name__)

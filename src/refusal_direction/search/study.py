@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -125,19 +126,16 @@ def run_batches(study, n_trials: int, batch_trials: int, suggest: Callable, buil
     bar = _bar(todo, progress)
     told, t0 = 0, time.perf_counter()
     phases = dict.fromkeys(("ask_s", "build_s", "evaluate_s", "tell_s"), 0.0)
-
-    def timed(phase, fn):
-        start = time.perf_counter()
-        out = fn()
-        phases[phase] += time.perf_counter() - start
-        return out
-
     try:
         while told < todo:
-            trials = timed("ask_s", lambda: [study.ask() for _ in range(min(batch_trials, todo - told))])
-            ivs = timed("build_s", lambda: [build(suggest(t), f"trial{t.number}") for t in trials])
-            scores = timed("evaluate_s", lambda: evaluate(ivs))
-            timed("tell_s", lambda: _tell(study, trials, scores))
+            with _timed(phases, "ask_s"):
+                trials = [study.ask() for _ in range(min(batch_trials, todo - told))]
+            with _timed(phases, "build_s"):
+                ivs = [build(suggest(t), f"trial{t.number}") for t in trials]
+            with _timed(phases, "evaluate_s"):
+                scores = evaluate(ivs)
+            with _timed(phases, "tell_s"):
+                _tell(study, trials, scores)
             told += len(trials)
             rate = told / (time.perf_counter() - t0)
             if bar is not None:
@@ -151,6 +149,15 @@ def run_batches(study, n_trials: int, batch_trials: int, suggest: Callable, buil
     seconds = time.perf_counter() - t0
     log.info("optimize: %d trials in %.1f s (%s)", told, seconds, ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return {"told": told, "seconds": seconds, "trials_per_s": told / seconds if told else None, "phases": phases}
+
+
+@contextlib.contextmanager
+def _timed(phases: dict, key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[key] += time.perf_counter() - start
 
 
 def _tell(study, trials, scores) -> None:
@@ -168,5 +175,5 @@ def _bar(total: int, progress: bool):
     return tqdm(total=total, desc="optimize", unit="trial")
 
 
-__all__ = ["INSTALL", "import_optuna", "open_study", "drop_partial_line", "recover_running", "complete_trials", "pareto_front",
-           "choose", "run_batches"]
+__all__ = ["INSTALL", "import_optuna", "open_study", "drop_partial_line", "recover_running", "complete_trials",
+           "pareto_front", "choose", "run_batches"]
