@@ -57,7 +57,7 @@ MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the 
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
 # Only budget knobs differ from `replicate`: the selection rule and its thresholds are the defaults.
 DEMO_SETTINGS = {
-    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:2", "n_train": 64,
+    "device": "cpu", "select": "auto", "select_strategy": "lazy", "select_layers": "6:19:2", "n_train": 128,
     "n_val": 16, "select_top_k": 6, "select_train_prompts": 16,
     "max_new_tokens": 64, "batch_size": 50, "stop_at_end_of_turn": True, "conditions": ["baseline", "ablation"],
     "safety": False, "capability": False, "xstest": False,

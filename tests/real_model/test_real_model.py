@@ -1,8 +1,9 @@
 """The method on a real safety-tuned chat model, offline: Qwen2.5-Coder-0.5B-Instruct (GGUF from PyPI).
 
 Kept inside CI's budget: 32 + 32 training prompts, 30 JailbreakBench behaviors, 32 new tokens. The
-direction is the (layer, position) that `refusal-direction demo` selected automatically on this model
-(docs/results/qwen2.5-coder-0.5b-instruct/summary.json); this test re-extracts it from scratch.
+direction is layer 15, position -1: what an earlier `refusal-direction demo` selected automatically on this
+model (the current rule picks the neighbouring layer 16, position -1: docs/results/qwen2.5-coder-0.5b-instruct/);
+this test re-extracts it from scratch.
 Skipped when the model cannot be fetched, unless REFUSAL_DIRECTION_REQUIRE_REAL_MODEL=1 (set by CI).
 """
 
@@ -21,7 +22,7 @@ from refusal_direction.generation import generate
 
 pytestmark = pytest.mark.real_model
 
-LAYER, POSITION = 15, -1  # chosen by `refusal-direction demo` (--select auto); see the module docstring
+LAYER, POSITION = 15, -1  # an earlier demo's automatic choice; see the module docstring
 
 
 @pytest.fixture(scope="module")
