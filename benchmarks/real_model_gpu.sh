@@ -43,7 +43,7 @@ for step in "$@"; do
       time rd replicate --model $GGUF --select auto --out $RUNS/auto
       keep auto $RUNS/auto/figures/selection_heatmaps.png $RUNS/auto/summary.json $RUNS/auto/selection.json $RUNS/auto/timings.json $RUNS/auto/capability.json \
            $RUNS/auto/report.md $RUNS/auto/direction.json $RUNS/auto/run.log
-      keep auto-completions $RUNS/auto/completions/*.json;;  # for re-judging here; never committed
+      keep auto-completions $RUNS/auto/completions/*.jsonl;;  # for re-judging here; never committed
     study)  # #14: every candidate direction judged by what it does (benchmarks/selection_study.py)
       time python benchmarks/selection_study.py --model $GGUF --out $RUNS/study --json $RUNS/study.json
       keep study $RUNS/study.json $RUNS/study/selection.json;;
