@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -103,8 +104,14 @@ def main() -> None:
     ap.add_argument("--json", required=True, type=Path)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from refusal_direction.errors import UserError
+
     t0 = time.perf_counter()
-    rec = study(a.model, a.out, a.config, a.pool_tokens, a.prefix_tokens)
+    try:
+        rec = study(a.model, a.out, a.config, a.pool_tokens, a.prefix_tokens)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     rec["seconds"]["total"] = time.perf_counter() - t0
     a.json.write_text(json.dumps(rec, indent=1))
     print(f"wrote {a.json}: {len(rec['candidates'])} candidates in {rec['seconds']['total']:.0f} s")

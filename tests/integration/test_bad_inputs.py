@@ -154,3 +154,10 @@ def test_bad_scores_file(tmp_path, content, needle):
 def test_out_is_a_file(tmp_path, model_dir):
     (tmp_path / "f").write_text("x")
     no_traceback(invoke("replicate", "--out", tmp_path / "f", "--model", model_dir), "is a file")
+
+
+def test_bad_gguf_weights_cache_switch_exits_before_loading(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("REFUSAL_DIRECTION_GGUF_WEIGHTS_CACHE", "maybe")
+    r = invoke("replicate", "--out", tmp_path / "run", "--model", model_dir, *SMALL)
+    no_traceback(r, "REFUSAL_DIRECTION_GGUF_WEIGHTS_CACHE='maybe'", "set it to 0")
+    assert not (tmp_path / "run").exists()

@@ -26,10 +26,38 @@ def test_compare_refuses_bad_options_before_loading(tmp_path, methods, n_xstest,
 
 
 @pytest.mark.parametrize("key, value, needle", [("select_rule", "nope", "select_rule='nope': use generation or paper"),
-                                               ("device_map", "nope", "device_map='nope': use auto")])
+                                               ("device_map", "nope", "device_map='nope': use auto"),
+                                               ("select_train_prompts", -1, "select_train_prompts=-1 must be 0"),
+                                               ("select_train_prompts", "many", "expected an integer")])
 def test_new_config_values_are_checked(key, value, needle):
     from refusal_direction.config import build_config
     from refusal_direction.errors import UserErrors
 
     with pytest.raises(UserErrors, match=needle):
         build_config({key: value})
+
+
+def test_a_bad_gguf_weights_cache_switch_is_refused(monkeypatch):
+    from refusal_direction.core.gguf_cache import WEIGHTS_ENV, weights_cache_setting
+
+    for value, want in (("0", "off"), ("off", "off"), ("1", "on"), ("", "default")):
+        monkeypatch.setenv(WEIGHTS_ENV, value)
+        assert weights_cache_setting() == want
+    monkeypatch.setenv(WEIGHTS_ENV, "maybe")
+    with pytest.raises(UserError, match=r"'maybe' is not a switch: set it to 0 .* 1 .* or unset it"):
+        weights_cache_setting()
+
+
+def test_a_damaged_study_journal_is_a_user_error(tmp_path):
+    pytest.importorskip("optuna")
+    from refusal_direction.search import open_study, suggest
+
+    db = tmp_path / "study.journal"
+    study = open_study(db, seed=0)
+    t = study.ask()
+    suggest(t, [-1], 3)
+    study.tell(t, [0.5, 0.1])
+    lines = db.read_text().splitlines(keepends=True)
+    db.write_text("".join(lines[:2] + ["not a journal record\n"] + lines[2:]))
+    with pytest.raises(UserError, match="study.journal is damaged .* move it away"):
+        open_study(db, seed=0)

@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import UserError
 from ..fileio import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -190,16 +191,28 @@ def load_gguf_model(source: str, gguf_file: str, dtype, dispatch: dict | None = 
     return direct(dtype, **dispatch)
 
 
-def weights_cache_off(path: Path) -> str | None:
-    """Why the weights of the GGUF file ``path`` are not cached (None: they are)."""
+def weights_cache_setting() -> str:
+    """``REFUSAL_DIRECTION_GGUF_WEIGHTS_CACHE`` read: "off" (0/false/no/off), "on" (1/true/yes/on: any size) or
+    "default" (unset or empty: files up to 4 GiB); `UserError` for any other value (preflight checks it)."""
     value = os.environ.get(WEIGHTS_ENV, "").strip().lower()
     if value in ("0", "false", "no", "off"):
-        return f"{WEIGHTS_ENV}={value}"
+        return "off"
     if value in ("1", "true", "yes", "on"):
-        return None
+        return "on"
     if value:
-        log.warning("%s=%r is not 0 or 1; using the default (cache GGUF files up to %.0f GiB)", WEIGHTS_ENV,
-                    value, MAX_GGUF_BYTES / 2**30)
+        raise UserError(f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV]!r} is not a switch: set it to 0 (never cache GGUF "
+                        f"weights), 1 (cache any size), or unset it (cache files up to "
+                        f"{MAX_GGUF_BYTES / 2**30:.0f} GiB)")
+    return "default"
+
+
+def weights_cache_off(path: Path) -> str | None:
+    """Why the weights of the GGUF file ``path`` are not cached (None: they are)."""
+    setting = weights_cache_setting()
+    if setting == "off":
+        return f"{WEIGHTS_ENV}={os.environ[WEIGHTS_ENV].strip()}"
+    if setting == "on":
+        return None
     size = path.stat().st_size
     if size > MAX_GGUF_BYTES:
         return (f"the file is {size / 2**30:.1f} GiB, over the {MAX_GGUF_BYTES / 2**30:.0f} GiB default limit; "

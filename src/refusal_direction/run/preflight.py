@@ -42,6 +42,12 @@ def check_paths(out: Path, config: RunConfig, force: bool = False) -> None:
     if c.data_dir and not Path(c.data_dir).expanduser().is_dir():
         problems.append(f"data directory {c.data_dir!r} does not exist; point --data-dir at a folder laid out like "
                         "datasets/ (refusal_direction/splits/*.json, jailbreakbench/behaviors.csv)")
+    try:
+        from ..core.gguf_cache import weights_cache_setting
+
+        weights_cache_setting()
+    except UserError as exc:
+        problems.append(str(exc))
     if problems:
         raise UserErrors(problems)
 

@@ -50,8 +50,13 @@ def open_study(path: Path, seed: int):
     optuna = import_optuna()
     path.parent.mkdir(parents=True, exist_ok=True)
     sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True, group=True)
-    return optuna.create_study(study_name=STUDY_NAME, storage=_storage(optuna, path), sampler=sampler,
-                               directions=["minimize", "minimize"], load_if_exists=True)
+    try:
+        return optuna.create_study(study_name=STUDY_NAME, storage=_storage(optuna, path), sampler=sampler,
+                                   directions=["minimize", "minimize"], load_if_exists=True)
+    except (ValueError, KeyError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"the optimize study {path} is damaged and cannot be read ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); move it away to start a new study in this run directory, or restore "
+                        "it from a copy") from None
 
 
 def _storage(optuna, path: Path):
