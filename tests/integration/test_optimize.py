@@ -155,15 +155,20 @@ def test_interpolated_direction_mixes_adjacent_layers(tiny_candidates):
         interpolated_direction(c, -2, 2.5)
 
 
+def _study_with_told_trials(db, n: int):
+    study = open_study(db, seed=1)
+    for _ in range(n):
+        t = study.ask()
+        suggest(t, [-2, -1], 3)
+        study.tell(t, [0.5, 0.1])
+    return study
+
+
 def test_running_trials_of_a_killed_run_are_failed_and_reenqueued(tmp_path):
     import optuna
 
     db = tmp_path / "study.journal"
-    study = open_study(db, seed=1)
-    for _ in range(2):
-        t = study.ask()
-        suggest(t, [-2, -1], 3)
-        study.tell(t, [0.5, 0.1])
+    study = _study_with_told_trials(db, 2)
     lost = [study.ask() for _ in range(2)]  # asked, never told: the process "dies" here
     lost_params = [suggest(t, [-2, -1], 3) for t in lost]
     del study
@@ -180,11 +185,7 @@ def test_a_journal_line_cut_by_a_kill_is_removed_and_the_study_reopens(tmp_path)
     from refusal_direction.search.study import drop_partial_line
 
     db = tmp_path / "study.journal"
-    study = open_study(db, seed=1)
-    for _ in range(2):
-        t = study.ask()
-        suggest(t, [-2, -1], 3)
-        study.tell(t, [0.5, 0.1])
+    study = _study_with_told_trials(db, 2)
     whole = db.read_bytes()
     db.write_bytes(whole + b'{"op_code": 5, "trial_id"')  # a write cut short by SIGKILL
     study = open_study(db, seed=1)  # cuts the partial line
