@@ -52,7 +52,7 @@ for step in "$@"; do
       keep compare $RUNS/compare/compare/table.json $RUNS/compare/compare/table.md $RUNS/compare/compare/pareto.png \
            $RUNS/compare/compare/report.md $RUNS/compare/timings.json;;
     offload)  # #18: the model does not fit on the GPU (CPU offload); a fixed direction and a reduced budget
-      time rd replicate --model $GGUF --out $RUNS/offload --device-map auto --max-memory 0=300MiB,cpu=64GiB \
+      time rd replicate --model $GGUF --out $RUNS/offload --device-map auto --max-memory "${OFFLOAD_MAX_MEMORY:-0=600MiB,cpu=64GiB}" \
           --layer "${OFFLOAD_LAYER:-13}" --position "${OFFLOAD_POSITION:--4}" --no-safety --no-xstest --n-eval 20 \
           --max-new-tokens 64 --conditions baseline,ablation
       keep offload $RUNS/offload/summary.json $RUNS/offload/timings.json $RUNS/offload/environment.json \

@@ -16,7 +16,10 @@ Here, for the same greedy tokens:
 - grouped-query attention under a padding mask is folded (the query heads that share a KV head become
   query rows of that head), so SDPA reads each KV head once instead of HF's per-step ``repeat_kv`` copy.
 - on CUDA, RMSNorms and the rotary embedding run with fewer kernels (`fusion.fused_kernels`), each swap
-  made only where it is verified to reproduce the original on the model's own shapes and dtype.
+  made only where it is verified to reproduce the original on the model's own shapes and dtype;
+- on CUDA in bfloat16/float16, each decode step's attention runs on a Triton kernel that reads the static cache
+  only as far as the mask lets through (`decode_attention`; SDPA reads every slot, written or not), used once it
+  matches SDPA on probes of the model's head shapes.
 
 Nothing is model-specific. A model this cannot run (encoder-decoder, no ``position_ids`` /
 ``past_key_values``, no `StaticCache`) falls back to `generate_hf` per condition, with the reason logged.
@@ -82,7 +85,7 @@ def generate_fast(
     holds every prompt under every condition unless ``max_rows`` (default: sized from free device
     memory) splits it. ``force_tokens`` ignores stop tokens and decodes exactly ``max_new_tokens``.
     ``fuse``: on CUDA, run RMSNorms and the rotary embedding with fewer kernels wherever that is verified to
-    reproduce them (`fusion.fused_kernels`).
+    reproduce them (`fusion.fused_kernels`), and bfloat16/float16 decode attention on `decode_attention`.
     """
     eos = stop_ids(lm, settings)
     prompts = prompt_ids(lm, instructions)

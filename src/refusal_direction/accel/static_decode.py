@@ -104,7 +104,7 @@ def generate_chunk(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     with contextlib.ExitStack() as stack:
-        if stack.enter_context(folded_gqa_attention(model)):
+        if stack.enter_context(folded_gqa_attention(model, decode_kernel=fuse, notes=notes)):
             notes.append("grouped-query attention folded into query rows")
         notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
         notes += stack.enter_context(fused_kernels(model, fuse))

@@ -44,11 +44,11 @@ def rule_feature_names() -> list[str]:
     return [*refusal_signals(""), "rule_verdict"]
 
 
-def rule_features(completions: Sequence[str]) -> np.ndarray:
-    """``[n, n_rule_features]`` 0/1 matrix of rule signals and the rule verdict."""
+def rule_features(completions: Sequence[str], signals: Sequence[dict] | None = None) -> np.ndarray:
+    """``[n, n_rule_features]`` 0/1 matrix of rule signals and the rule verdict (``signals``: the completions'
+    `refusal_signals`, if already computed)."""
     rows = []
-    for c in completions:
-        s = refusal_signals(c)
+    for s in (signals if signals is not None else [refusal_signals(c) for c in completions]):
         rows.append([float(v) for v in s.values()] + [float(rule_verdict(s))])
     return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(rule_feature_names()))
 
@@ -96,6 +96,7 @@ class _Block:
         self.vocabulary: dict[str, int] = spec["vocabulary"]
         self.idf = np.asarray(spec["idf"], dtype=np.float64)
         self.offset = offset
+        self._word_columns: dict[str, list[int]] = {}  # char_wb: word -> vocabulary columns of its n-grams
         if len(self.idf) != len(self.vocabulary):
             raise ValueError(f"judge model block sizes disagree: vocabulary {len(self.vocabulary)}, "
                              f"idf {len(self.idf)}; retrain with scripts/train_refusal_judge.py")
@@ -105,13 +106,27 @@ class _Block:
             return ngrams(text, self.token_pattern, self.ngram_max)
         return char_wb_ngrams(text, self.ngram_min, self.ngram_max)
 
+    def columns(self, text: str) -> list[int]:
+        """Vocabulary columns of the text's n-grams, with repeats (char_wb n-grams never cross a word, so each
+        distinct word's columns are found once per judge and reused)."""
+        if self.analyzer == "word":
+            return [j for j in map(self.vocabulary.get, self.grams(text)) if j is not None]
+        out: list[int] = []
+        for w in text.split():
+            cols = self._word_columns.get(w)
+            if cols is None:
+                cols = [j for j in map(self.vocabulary.get, char_wb_ngrams(w, self.ngram_min, self.ngram_max))
+                        if j is not None]
+                if len(self._word_columns) < 1_000_000:  # bounded: random text cannot grow it without end
+                    self._word_columns[w] = cols
+            out.extend(cols)
+        return out
+
     def row(self, text: str) -> dict[int, float]:
         """Column -> L2-normalised sublinear TF-IDF value (block-local columns)."""
         counts: dict[int, int] = {}
-        for g in self.grams(text):
-            j = self.vocabulary.get(g)
-            if j is not None:
-                counts[j] = counts.get(j, 0) + 1
+        for j in self.columns(text):
+            counts[j] = counts.get(j, 0) + 1
         vals = {j: (1.0 + math.log(k)) * self.idf[j] for j, k in counts.items()}
         norm = math.sqrt(sum(v * v for v in vals.values()))
         return {j: v / norm for j, v in vals.items()} if norm > 0 else {}
@@ -169,9 +184,9 @@ class LearnedJudge:
         """The judge stored at ``path``, else the packaged ``judge_model.json``."""
         return cls(_read_params(str(path)) if path else _packaged_params())
 
-    def decision(self, completions: Sequence[str]) -> np.ndarray:
+    def decision(self, completions: Sequence[str], signals: Sequence[dict] | None = None) -> np.ndarray:
         """``[n]`` logit of "refusal" (before the threshold and the rule combination: sklearn's decision_function)."""
-        rules = rule_features(completions) @ self.coef[-len(rule_feature_names()):]
+        rules = rule_features(completions, signals) @ self.coef[-len(rule_feature_names()):]
         out = np.empty(len(completions))
         for row, c in enumerate(completions):
             text = opening_text(c, self.opening_chars)
@@ -183,10 +198,11 @@ class LearnedJudge:
 
     def judge(self, instructions: Sequence[str], completions: Sequence[str]) -> list[bool]:
         check_pairs(instructions, completions)
-        decision = self.decision(completions)
+        signals = [refusal_signals(c) for c in completions]
+        decision = self.decision(completions, signals)
         if self.combine == "lr":
             return [bool(d > self.threshold) for d in decision]
-        verdicts = [rule_verdict(refusal_signals(c)) for c in completions]
+        verdicts = [rule_verdict(s) for s in signals]
         if self.combine == "or_rules":
             return [bool(d > self.threshold) or v for d, v in zip(decision, verdicts)]
         return [bool(d + self.rule_bonus * v > self.threshold) for d, v in zip(decision, verdicts)]
