@@ -5,10 +5,12 @@ near-tie, so most tokens, not all)."""
 import pytest
 import torch
 
-from refusal_direction.accel import folded_attention
-from refusal_direction.accel.decode_attention import decode_attention
-from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
-from refusal_direction.bench import bench_conditions, random_model, synthetic_instructions
+pytest.importorskip("triton")  # CPU-only PyTorch builds (CI) have none; decode_attention imports it
+
+from refusal_direction.accel import folded_attention  # noqa: E402
+from refusal_direction.accel.decode_attention import decode_attention  # noqa: E402
+from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids  # noqa: E402
+from refusal_direction.bench import bench_conditions, random_model, synthetic_instructions  # noqa: E402
 
 
 @pytest.mark.parametrize("heads,kv,dim", [(8, 1, 256), (32, 8, 128), (14, 2, 64)])

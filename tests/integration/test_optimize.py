@@ -116,6 +116,9 @@ def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
     assert speed["batched"]["trials"] == 5 and speed["batched"]["batch_trials"] == 3
     assert speed["one_at_a_time"]["trials"] == 2 and speed["one_at_a_time"]["batch_trials"] == 1
     assert speed["speedup"] > 0
+    for mode in ("batched", "one_at_a_time"):  # each mode keeps its own phase split across calls
+        phases = speed[mode]["phases"]
+        assert set(phases) == {"ask_s", "sample_s", "build_s", "evaluate_s", "tell_s"} and phases["evaluate_s"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -158,14 +158,16 @@ def write_front(run: Run, study, s: OptimizeSettings) -> tuple[list[dict], dict 
 
 
 def _speed(run: Run, record: dict, setup_s: float, s: OptimizeSettings) -> dict:
-    """Latest speed record per mode (batched / one_at_a_time), kept across calls; the ratio when both exist."""
+    """Latest speed record per mode (batched / one_at_a_time) with its phase seconds, kept across calls; the ratio
+    when both exist."""
     path = optimize_dir(run) / "summary.json"
     speed = dict(read_json(path, "run file").get("speed", {})) if path.is_file() else {}
     if record["told"]:
         speed["one_at_a_time" if s.batch == 1 else "batched"] = {
             "trials": record["told"], "seconds": round(record["seconds"], 3),
             "trials_per_s": record["trials_per_s"], "batch_trials": s.batch, "setup_s": round(setup_s, 3),
-            "total_s": round(setup_s + record["seconds"], 3), "backend": run.config.generation_backend}
+            "total_s": round(setup_s + record["seconds"], 3), "backend": run.config.generation_backend,
+            "phases": {k: round(v, 3) for k, v in record.get("phases", {}).items()}}
     a, b = speed.get("batched"), speed.get("one_at_a_time")
     speed.pop("speedup", None)
     if a and b and b["trials_per_s"]:
