@@ -3,7 +3,7 @@
 # GGUF assembled from parts copied to /tmp/blob beforehand, wheels the machine lacks carried in .whl/, the data
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
-#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optkill bench8b
+#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -35,6 +35,9 @@ for step in "$@"; do
   case $step in
     setup)
       python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+      # byte-compile what this image leaves uncompiled (it sets PYTHONDONTWRITEBYTECODE=1, so no process would
+      # write the .pyc files that a pip install or a first run writes elsewhere): the wheels above and src/
+      python -m compileall -q -j 0 /tmp/site src > /dev/null
       [ -f $GGUF ] || cat /tmp/blob/q05.part* > $GGUF
       echo "$SHA  $GGUF" | sha256sum -c
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -62,7 +65,15 @@ for step in "$@"; do
       time rd optimize --model $GGUF --out $RUNS/optimize --trials 220 --one-at-a-time --no-export
       keep optimize $RUNS/optimize/optimize/summary.json $RUNS/optimize/optimize/front.md \
            $RUNS/optimize/optimize/front.json $RUNS/optimize/optimize/front.png $RUNS/optimize/optimize/final.json \
-           $RUNS/optimize/optimize/final.md $RUNS/optimize/optimize/export.json $RUNS/optimize/timings.json;;
+           $RUNS/optimize/optimize/final.md $RUNS/optimize/optimize/export.json $RUNS/optimize/timings.json \
+           $RUNS/optimize/run.log;;
+    optfresh)  # #17: 200 trials end to end in a new run directory (run after a step that converted the GGUF)
+      time rd optimize --model $GGUF --out $RUNS/optfresh --trials 200 --batch-trials 50 --seed 0
+      keep optfresh $RUNS/optfresh/optimize/summary.json $RUNS/optfresh/timings.json $RUNS/optfresh/run.log;;
+    optprofile)  # #17: where one batch of 50 trials goes (after optimize): build, generation, judge, KL
+      time python benchmarks/optimize_profile.py $RUNS/optimize --batch 50 --json $RUNS/optprofile.json \
+          --cpu-table $RUNS/optprofile-cpu.txt
+      keep optprofile $RUNS/optprofile.json $RUNS/optprofile-cpu.txt;;
     optkill)  # #17: kill -9 during the search, re-run: the study continues (trial count and best values kept)
       timeout -s KILL "${KILL_AFTER:-45}" python -m refusal_direction optimize --model $GGUF --out $RUNS/optkill \
           --trials 200 --batch-trials 25 --seed 1 --no-export --n-xstest 0 > $RUNS/optkill-1.log 2>&1 || echo "killed: rc $?"

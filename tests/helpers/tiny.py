@@ -84,3 +84,31 @@ def save_tiny_gemma(path, **kwargs):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_family_lm(family: str):
+    """A tiny wrapped model of one family: ``gemma-tied`` / ``gemma-untied`` (no biases), ``llama-biases``
+    (attention and MLP biases, tied embedding), ``llama-no-writer-bias`` (the same without biases) or ``gpt2``
+    (Conv1D writers with biases, learned positions)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from refusal_direction.core.model import wrap_model
+
+    if family.startswith("gemma"):
+        return tiny_gemma(n_layers=3, tie=family == "gemma-tied")
+    tok = tiny_gemma_tokenizer()
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                                           pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    elif family in ("llama-biases", "llama-no-writer-bias"):
+        biases = family == "llama-biases"  # without: no biases at all (Qwen2 keeps q/k/v biases, no writer bias)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, attention_bias=biases, mlp_bias=biases, tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    else:
+        raise ValueError(f"unknown tiny family {family!r}")
+    randomize_norms_(model)
+    model.eval().requires_grad_(False)
+    return wrap_model(model, tok, family)

@@ -73,6 +73,28 @@ def test_optimize_cli_writes_front_final_and_verified_export(optimized):
     assert final["rows"][0]["refusal"]["n"] == 3 and final["rows"][0]["over_refusal"]["n"] == 2
     assert summary["export"]["verify"]["ok"], summary["export"]["verify"]
     assert (d / "export" / "config.json").is_file()
+    assert final["records"]["dim"]["jailbreakbench"][0]["completion"] is not None  # completions: final.json only
+    assert summary["final"]["rows"] == final["rows"] and summary["final"]["records"] == "final.json"
+    assert '"completion"' not in (d / "summary.json").read_text()
+
+
+def test_lora_option_writes_a_verified_adapter_or_says_why_not(optimized, tmp_path):
+    """--lora: the chosen edit as a peft adapter beside the merged export, verified against the hooks; a chosen
+    norm-preserving edit (full-rank) gets the reason instead. Trial 0 (DiM, subspace k = 1) is forced as the
+    choice with --trials 1, so the adapter exists and has rank 1."""
+    pytest.importorskip("peft")
+    model, _, toml = optimized
+    out = tmp_path / "lora"
+    cli("optimize", "--model", model, "--out", out, "--config", toml, "--trials", "1", "--lora", *FAST)
+    export = json.loads((out / "optimize" / "export.json").read_text())
+    lora = export["lora"]
+    assert lora["rank"] == 1 and lora["verify"]["ok"], lora
+    assert (out / "optimize" / "lora" / "adapter_config.json").is_file()
+    config = json.loads((out / "optimize" / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and config["base_model_name_or_path"] == str(model)
+    r = run_cli("optimize", "--model", model, "--out", tmp_path / "x", "--config", toml, "--lora", "--no-export",
+                check=False)
+    assert r.returncode == 2 and "--lora" in r.stderr and "--no-export" in r.stderr
 
 
 def test_a_bfloat16_search_exports_and_verifies_in_float32(optimized, tmp_path):
@@ -118,7 +140,11 @@ def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
     assert speed["speedup"] > 0
     for mode in ("batched", "one_at_a_time"):  # each mode keeps its own phase split across calls
         phases = speed[mode]["phases"]
-        assert set(phases) == {"ask_s", "sample_s", "build_s", "evaluate_s", "tell_s"} and phases["evaluate_s"] > 0
+        parts = {"evaluate_generate_s", "evaluate_judge_s", "evaluate_kl_s"}
+        assert set(phases) == {"ask_s", "sample_s", "build_s", "evaluate_s", "tell_s", "evaluate_judged"} | parts
+        assert phases["evaluate_s"] > 0 and phases["evaluate_generate_s"] > 0 and phases["evaluate_kl_s"] > 0
+        assert phases["evaluate_judge_s"] >= 0 and phases["evaluate_judged"] >= 1  # substring judge: < 1 ms
+        assert sum(phases[k] for k in parts) <= phases["evaluate_s"] + 0.01  # the parts of the evaluate phase
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +172,30 @@ def test_batched_evaluation_equals_one_at_a_time(tiny_lm, tiny_candidates):
         assert (alone.n_refusals, alone.n_harmful) == (score.n_refusals, score.n_harmful)
         assert alone.kl == pytest.approx(score.kl, rel=1e-5, abs=1e-9)  # float32: batch shape moves the last bits
         assert score.kl > 0
+
+
+def test_kl_pass_out_of_memory_is_retried_with_fewer_trials(tiny_lm, tiny_candidates, monkeypatch):
+    """A KL pass over more than 3 rows "runs out of memory": the evaluator halves its trials per pass (9 rows ->
+    1 trial of 3 rows per pass) and returns the KL values of an unconstrained pass."""
+    from refusal_direction.search import evaluate as search_evaluate
+
+    harmless = ["Hi", "What is 2+2?", "Bake bread"]
+    ivs = [build_intervention(tiny_lm, tiny_candidates, p, f"t{i}") for i, p in enumerate(PARAMS)]
+    want = TrialEvaluator(tiny_lm, [], harmless, get_judge("substring"), GenerationSettings(4, 8, True)).kl(ivs)
+    real, rows_seen = search_evaluate._last_logprobs, []
+
+    def limited(lm, enc):
+        rows_seen.append(enc["input_ids"].shape[0])
+        if rows_seen[-1] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(lm, enc)
+
+    ev = TrialEvaluator(tiny_lm, [], harmless, get_judge("substring"), GenerationSettings(4, 8, True), max_rows=9)
+    ev.baseline()  # before the limit: the baseline pass has 3 rows anyway
+    monkeypatch.setattr(search_evaluate, "_last_logprobs", limited)
+    got = ev.kl(ivs)
+    assert rows_seen[:2] == [9, 3] and max(rows_seen[1:]) == 3  # the first pass failed; then one trial per pass
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
 
 
 def test_interpolated_direction_mixes_adjacent_layers(tiny_candidates):

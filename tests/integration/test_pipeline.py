@@ -89,6 +89,13 @@ def test_replicate_writes_every_artifact(tiny_run):
     env = json.loads((tiny_run / "environment.json").read_text())
     assert env["post_instruction_tokens"] == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
     assert env["dtype"] == "float32"
+    timings = json.loads((tiny_run / "timings.json").read_text())
+    stages = ("preflight_s", "load_model_s", "extract_s", "generate_s", "capability_s", "score_s",
+              "report_s")
+    assert all(timings[k] >= 0 for k in stages), timings
+    # the process's whole time: start-up (interpreter + imports) first, then at least every stage timed
+    assert 0 < timings["startup_s"] < timings["process_s"]
+    assert timings["process_s"] >= timings["startup_s"] + sum(timings[k] for k in stages) - 0.05
 
 
 def _mtimes(run: Path) -> dict[str, int]:
@@ -104,9 +111,9 @@ def test_rerun_skips_completed_stages(tiny_run, tiny_model_dir, guard_dir, data_
     after = _mtimes(tiny_run)
     assert set(after) == set(before)
     rewritten = {k for k in before if after[k] != before[k]}
-    # every model stage is skipped: only the run's record of itself (config, environment) and the cheap last stages
-    # (summary, report and its figures) are written again
-    cheap = {"config.json", "environment.json", "summary.json", "report.md", "report.html"}
+    # every model stage is skipped: only the run's record of itself (config, environment, timings: this process's
+    # start-up, preflight and whole time) and the cheap last stages (summary, report and its figures) are written again
+    cheap = {"config.json", "environment.json", "timings.json", "summary.json", "report.md", "report.html"}
     assert rewritten <= cheap | {k for k in before if k.startswith("figures/")}, rewritten
     assert any(k.startswith("completions/") for k in before) and "capability.json" in before
 

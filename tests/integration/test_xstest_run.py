@@ -131,3 +131,22 @@ def test_tiny_run_with_xstest_conditions(tiny_model_dir, tmp_path):
     assert [len(saved[k]["items"]) for k in ("xstest_safe", "xstest_unsafe")] == [3, 3]
     invoke("score", out, "--judge", "rules")  # the run's table gains the judge's column (printed by rich)
     assert Summary.load(out / "summary.json").conditions["baseline"].judge == "rules"
+
+
+@needs_xstest
+def test_fast_backend_generates_every_set_in_one_batch_with_the_hf_backends_completions(tiny_model_dir, tmp_path):
+    """Every condition of every set (JailbreakBench, harmless, XSTest safe and unsafe) on the fast path in one
+    batch (CPU, float32, eager decode) gives the completion files of HF generate run set by set."""
+    args = [a for a in ARGS if a != "baseline,ablation" and a != "--conditions"]
+    files = {}
+    for backend in ("hf", "fast"):
+        cfg = tmp_path / f"{backend}.toml"
+        cfg.write_text(f'generation_backend = "{backend}"\n')
+        out = tmp_path / backend
+        invoke("replicate", "--model", tiny_model_dir, "--data-dir", DATA, "--out", out, *args, "--config", cfg)
+        files[backend] = {p.name: [(r["id"], r["completion"], r["n_tokens"]) for r in map(json.loads, p.open())]
+                          for p in sorted((out / "completions").glob("*.jsonl"))}
+        timings = json.loads((out / "timings.json").read_text())
+        assert "generate_s" in timings
+        assert ("generate_baseline_s" in timings) == (backend == "hf")  # HF: one condition at a time
+    assert len(files["fast"]) == 10 and files["fast"] == files["hf"]

@@ -53,6 +53,25 @@ def test_kl_equals_a_hand_computation_on_unpadded_prompts(lm, r, kind, batch_siz
         assert out["per_prompt"] != pytest.approx(reverse, rel=1e-2)
 
 
+def test_a_shared_baseline_gives_the_same_kls_and_is_computed_once_per_batch(lm, r, monkeypatch):
+    from refusal_direction.core.interventions import Baseline
+    from refusal_direction.evaluation import capability
+
+    ivs = [DirectionalAblation(r, name="a"), ActivationAddition(r * 10, layer=0, name="b")]
+    alone = [next_token_kl(lm, PROMPTS, iv, batch_size=2)["per_prompt"] for iv in ivs]
+    calls, real = [], capability.last_token_logprobs
+    monkeypatch.setattr(capability, "last_token_logprobs",
+                        lambda lm_, batch, iv: calls.append(iv.name) or real(lm_, batch, iv))
+    shared: dict = {}
+    together = [next_token_kl(lm, PROMPTS, iv, batch_size=2, baseline=shared)["per_prompt"] for iv in ivs]
+    assert together == alone  # the same forward passes, the same numbers
+    n_batches = -(-len(PROMPTS) // 2)
+    assert calls.count("baseline") == n_batches and calls.count("a") == calls.count("b") == n_batches
+    calls.clear()
+    assert next_token_kl(lm, PROMPTS, Baseline(), baseline=shared)["per_prompt"] == [0.0] * len(PROMPTS)
+    assert calls == []  # KL(baseline ‖ baseline) = 0 needs no forward pass
+
+
 def hand_ce(lm, instruction, completion, intervention):
     """One example at a time, no padding: sum of -log p over the completion tokens, and their count."""
     from refusal_direction.core.interventions import apply_intervention

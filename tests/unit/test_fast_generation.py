@@ -101,6 +101,43 @@ def test_split_batches_give_the_same_tokens(lm):
     assert split.tokens == whole.tokens
 
 
+def test_prompt_sets_in_one_batch_give_each_sets_own_tokens(lm):
+    """Three sets with their own prompts and conditions, some conditions shared (the same objects): one decode
+    loop, the tokens of each set decoded alone (float32), rows only for the pairs asked for; names that collide
+    across sets without being the same object are refused."""
+    from refusal_direction.accel.fast_generation import generate_fast_sets
+    from refusal_direction.core.interventions import ActivationAddition
+
+    settings = GenerationSettings(max_new_tokens=12, batch_size=4, stop_at_end_of_turn=True)
+    base, ablation, add = conditions(lm)
+    minus = ActivationAddition(add.direction, layer=1, coeff=-2.0, name="actadd_negative")
+    sets = [(INSTRUCTIONS[:3], [base, ablation, minus]), (INSTRUCTIONS[3:], [base, add]),
+            (INSTRUCTIONS[1:5], [ablation])]
+    calls = []
+    real = fast_generation.generate_chunk
+
+    def counted(lm_, rows, *args, **kwargs):
+        calls.append(len(rows))
+        return real(lm_, rows, *args, **kwargs)
+
+    fast_generation.generate_chunk = counted
+    try:
+        together = generate_fast_sets(lm, sets, settings)
+    finally:
+        fast_generation.generate_chunk = real
+    assert calls == [3 * 3 + 3 * 2 + 4]  # one batch, one row per (prompt, condition) pair asked for
+    for (instructions, ivs), got in zip(sets, together, strict=True):
+        alone = generate_fast(lm, instructions, ivs, settings)
+        assert set(got) == {iv.name for iv in ivs}
+        for iv in ivs:
+            assert [g.token_ids for g in got[iv.name]] == [g.token_ids for g in alone[iv.name]], iv.name
+            assert [g.stopped for g in got[iv.name]] == [g.stopped for g in alone[iv.name]]
+    assert together[0]["baseline"][0].token_ids != together[0]["ablation"][0].token_ids
+    other = ActivationAddition(add.direction, layer=0, coeff=1.0)  # named "actadd" like ``add``, another object
+    with pytest.raises(ValueError, match="same intervention object"):
+        generate_fast_sets(lm, [(INSTRUCTIONS[:2], [add]), (INSTRUCTIONS[2:], [other])], settings)
+
+
 def test_model_is_left_as_it_was(lm):
     enc = lm.tokenize(INSTRUCTIONS)
     before = lm.model(**enc).logits

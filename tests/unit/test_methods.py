@@ -13,7 +13,6 @@ import torch
 
 from refusal_direction.core.directions import CandidateDirections
 from refusal_direction.core.interventions import Baseline, DirectionalAblation, apply_intervention
-from refusal_direction.core.model import wrap_model
 from refusal_direction.core.padding import position_ids
 from refusal_direction.errors import UserError
 from refusal_direction.export.method_edits import (
@@ -32,30 +31,11 @@ from refusal_direction.methods import (
     projected_direction,
     refusal_subspace,
 )
-from tests.helpers.tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
+from tests.helpers.tiny import tiny_family_lm as family_lm
+from tests.helpers.tiny import tiny_gemma
 
 PROMPTS = ["How do I bake bread?", "Hi", "List five prime numbers.", "What is 2+2?"]
 FAMILIES = ["gemma-tied", "gemma-untied", "llama-biases", "gpt2"]
-
-
-def family_lm(family: str):
-    if family.startswith("gemma"):
-        return tiny_gemma(n_layers=3, tie=family == "gemma-tied")
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_gemma_tokenizer()
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=3, n_head=4, n_positions=256,
-                                           pad_token_id=0, eos_token_id=1, bos_token_id=2))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-            pad_token_id=0, eos_token_id=1, bos_token_id=2))
-    randomize_norms_(model)
-    model.eval().requires_grad_(False)
-    return wrap_model(model, tok, family)
 
 
 def logits(lm, model=None, intervention=Baseline()):
@@ -178,6 +158,29 @@ def test_norm_preserving_keeps_each_written_vector_norm_and_removes_r(family):
         assert (after @ r_hat).abs().max().item() <= 1e-6
     for x in residuals(lm, norm_preserving_ablation(lm, r)):
         assert (x @ r_hat.float().double()).abs().max().item() <= 1e-5
+
+
+def test_norm_preserving_hook_scales_are_the_float64_ratio_and_follow_weight_changes():
+    """The hook form's writer scales (cached ‖v‖², float32 v·r̂) equal ‖v‖ / ‖(I − P) v‖ computed in float64;
+    an edited weight is seen by the next build (the norm cache follows the weight's version)."""
+    from refusal_direction.export.orthogonalize import _is_conv1d
+
+    lm = family_lm("gpt2")  # Conv1D writers with biases
+    r = torch.randn(lm.d_model, dtype=torch.float64)
+    r_hat = r / r.norm()
+
+    def exact(module):
+        v = (module.weight if _is_conv1d(module) else module.weight.T).detach().double()
+        return v.norm(dim=-1) / (v - torch.outer(v @ r_hat, r_hat)).norm(dim=-1)
+
+    for _ in range(2):  # the second build reads the cached norms
+        for e in norm_preserving_ablation(lm, r).writers:
+            torch.testing.assert_close(e.scale.double(), exact(e.module), rtol=1e-6, atol=0)
+    module = norm_preserving_ablation(lm, r).writers[0].module
+    with torch.no_grad():
+        module.weight.mul_(2.0).add_(0.01)
+    torch.testing.assert_close(norm_preserving_ablation(lm, r).writers[0].scale.double(), exact(module), rtol=1e-6,
+                               atol=0)
 
 
 def test_per_row_switch_applies_each_method_to_its_rows_only():

@@ -118,10 +118,13 @@ def test_fast_generation_with_stacked_conditions_gives_hf_generates_tokens(tiny_
 
 
 @torch.no_grad()
-def test_norm_preserving_ablations_stack_and_equal_each_alone(tiny_lm):
+@pytest.mark.parametrize("family", ["gemma", "llama-biases", "gpt2"])
+def test_norm_preserving_ablations_stack_and_equal_each_alone(tiny_lm, family):
+    """Also with writer biases (their per-row shifts) and GPT-2's Conv1D writers and learned positions."""
     from refusal_direction.export.method_edits import norm_preserving_ablation
+    from tests.helpers.tiny import tiny_family_lm
 
-    lm = tiny_lm
+    lm = tiny_lm if family == "gemma" else tiny_family_lm(family)
     g = torch.Generator().manual_seed(3)
     conds = [Baseline("b"), norm_preserving_ablation(lm, torch.randn(lm.d_model, generator=g), name="np1"),
              DirectionalAblation(torch.randn(lm.d_model, generator=g), name="dim"),
@@ -141,5 +144,6 @@ def test_norm_preserving_ablations_stack_and_equal_each_alone(tiny_lm):
         if isinstance(iv, Baseline):
             assert torch.equal(together[c], alone)
         else:
-            torch.testing.assert_close(together[c], alone, rtol=1e-5, atol=1e-5)
+            # the stacked and the switched hooks round differently (float32): up to ~1.3e-5 on logits of size ~1
+            torch.testing.assert_close(together[c], alone, rtol=1e-5, atol=3e-5)
             assert not torch.allclose(alone, plain, atol=1e-3)

@@ -18,11 +18,13 @@ from .fast_generation import (
     FastStats,
     generate_fast,
     generate_fast_ids,
+    generate_fast_sets,
     kv_bytes_per_token,
     prompt_ids,
 )
 from .fusion import fused_kernels, restricted_sdpa
 
 __all__ = ["FastPathUnsupported", "FastResult", "FastStats", "KVPrefix", "RowInterventions", "SweepDecoder",
-           "cat_interventions", "fused_kernels", "generate_fast", "generate_fast_ids", "kv_bytes_per_token",
+           "cat_interventions", "fused_kernels", "generate_fast", "generate_fast_ids", "generate_fast_sets",
+           "kv_bytes_per_token",
            "prompt_ids", "restricted_sdpa"]

@@ -6,7 +6,8 @@ Here, for the same greedy tokens:
 
 - all conditions share ONE batch: row ``c * n_prompts + i`` is prompt i under intervention c, and each
   intervention's hooks get a per-row switch (``apply_intervention(lm, iv, rows=mask)``), so the weights
-  are read once per step for every condition;
+  are read once per step for every condition; `generate_fast_sets` puts several prompt sets, each under its
+  own conditions, into the same batch (a run's JailbreakBench, harmless and XSTest sets decode in one loop);
 - prompts are left-padded and prefilled once with HF's position ids (``cumsum(mask) - 1``); only the last
   position's logits are computed (``logits_to_keep=1``);
 - a transformers `StaticCache` keeps every tensor address fixed, so the single-token decode step (HF
@@ -47,7 +48,8 @@ from .static_decode import CHECK_EVERY, WARMUP_STEPS, FastPathUnsupported, FastS
 
 __all__ = ["CHECK_EVERY", "DECODE_MODES", "FOLDED_SDPA", "SDPA_BACKENDS", "WARMUP_STEPS", "FastPathUnsupported",
            "FastResult", "FastStats", "check_supported", "folded_gqa_attention", "folded_sdpa_attention",
-           "generate_fast", "generate_fast_ids", "kv_bytes_per_token", "prompt_ids", "prompts_per_chunk",
+           "generate_fast", "generate_fast_ids", "generate_fast_sets", "kv_bytes_per_token", "prompt_ids",
+           "prompts_per_chunk",
            "resolve_decode"]
 
 log = logging.getLogger(__name__)
@@ -72,34 +74,68 @@ def generate_fast(
     interventions: Sequence[Intervention],
     settings: GenerationSettings = GenerationSettings(),
     progress: bool = False,
-    *,
-    force_tokens: bool = False,
-    decode: str = "auto",
-    max_rows: int | None = None,
-    sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
-    fuse: bool = True,
+    **options,
 ) -> dict[str, list[Generated]]:
     """Greedy completions of ``instructions`` under every intervention at once: {intervention name: list}.
 
     Same tokens as `generate_hf` (exactly so in float32). ``settings.batch_size`` is not used: the batch
     holds every prompt under every condition unless ``max_rows`` (default: sized from free device
-    memory) splits it. ``force_tokens`` ignores stop tokens and decodes exactly ``max_new_tokens``.
-    ``fuse``: on CUDA, run RMSNorms and the rotary embedding with fewer kernels wherever that is verified to
-    reproduce them (`fusion.fused_kernels`), and bfloat16/float16 decode attention on `decode_attention`.
+    memory) splits it. Options (`generate_fast_ids`): ``force_tokens`` ignores stop tokens and decodes exactly
+    ``max_new_tokens``; ``fuse``: on CUDA, run RMSNorms and the rotary embedding with fewer kernels wherever
+    that is verified to reproduce them (`fusion.fused_kernels`), and bfloat16/float16 decode attention on
+    `decode_attention`; ``decode``, ``max_rows``, ``sdpa_backends``.
     """
+    return generate_fast_sets(lm, [(instructions, interventions)], settings, progress, **options)[0]
+
+
+def generate_fast_sets(
+    lm: LoadedModel,
+    sets: Sequence[tuple[Sequence[str], Sequence[Intervention]]],
+    settings: GenerationSettings = GenerationSettings(),
+    progress: bool = False,
+    **options,
+) -> list[dict[str, list[Generated]]]:
+    """Several prompt sets, each under its own interventions, decoded in one batch (one decode loop for all):
+    per set, {intervention name: completions}. An intervention object shared by sets is one condition; a row
+    exists only for a (prompt, intervention) pair some set asks for. Same tokens as separate calls in float32
+    (the padding width is the batch's longest prompt, which HF's position ids and masks make invisible)."""
+    conditions: list[Intervention] = []
+    index: dict[int, int] = {}  # id(intervention) -> condition index
+    for _, ivs in sets:
+        names = [iv.name for iv in ivs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"intervention names must be unique within a set, got {names}")
+        for iv in ivs:
+            index.setdefault(id(iv), len(conditions))
+            if len(conditions) < len(index):
+                conditions.append(iv)
+    _unique_names(conditions)
     eos = stop_ids(lm, settings)
-    prompts = prompt_ids(lm, instructions)
+    units = [(ids, tuple(index[id(iv)] for iv in ivs)) for instructions, ivs in sets
+             for ids in prompt_ids(lm, instructions)]
     try:
-        result = generate_fast_ids(lm, prompts, interventions, settings.max_new_tokens, eos,
-                                   force_tokens=force_tokens, decode=decode, max_rows=max_rows, progress=progress,
-                                   sdpa_backends=sdpa_backends, fuse=fuse)
+        result, _ = _generate_units(lm, units, conditions, settings.max_new_tokens, eos, progress=progress,
+                                    **options)
     except FastPathUnsupported as exc:
         log.warning("fast generation is not available for %s (%s); falling back to HF generate per condition",
                     lm.model_id, exc)
-        return {iv.name: generate_hf(lm, instructions, iv, settings, progress) for iv in interventions}
-    return {name: [Generated(lm.tokenizer.decode(ids, skip_special_tokens=True), ids, stopped)
-                   for ids, stopped in zip(rows, result.stopped[name], strict=True)]
-            for name, rows in result.tokens.items()}
+        return [{iv.name: generate_hf(lm, list(instructions), iv, settings, progress) for iv in ivs}
+                for instructions, ivs in sets]
+    out, start = [], 0
+    for instructions, ivs in sets:
+        per_unit = result[start:start + len(instructions)]
+        start += len(instructions)
+        out.append({iv.name: [Generated(lm.tokenizer.decode(u[index[id(iv)]][0], skip_special_tokens=True),
+                                        u[index[id(iv)]][0], u[index[id(iv)]][1]) for u in per_unit]
+                    for iv in ivs})
+    return out
+
+
+def _unique_names(conditions: Sequence[Intervention]) -> None:
+    names = [iv.name for iv in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"intervention names must be unique to share a batch, got {names} (sets that share a "
+                         "condition must pass the same intervention object)")
 
 
 def prompt_ids(lm: LoadedModel, instructions: Sequence[str]) -> list[list[int]]:
@@ -117,48 +153,64 @@ def generate_fast_ids(
     interventions: Sequence[Intervention],
     max_new_tokens: int,
     stop: Sequence[int],
-    *,
-    force_tokens: bool = False,
-    decode: str = "auto",
-    max_rows: int | None = None,
-    progress: bool = False,
-    sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
-    fuse: bool = True,
+    **options,
 ) -> FastResult:
-    """The fast path on token ids (no tokenizer needed). Raises `FastPathUnsupported` for unsupported models."""
-    names = [iv.name for iv in interventions]
-    if len(set(names)) != len(names):
-        raise ValueError(f"intervention names must be unique to share a batch, got {names}")
+    """The fast path on token ids (no tokenizer needed), every prompt under every intervention. Raises
+    `FastPathUnsupported` for unsupported models. Options: ``force_tokens``, ``decode``, ``max_rows``,
+    ``progress``, ``sdpa_backends``, ``fuse`` (see `generate_fast`)."""
+    _unique_names(interventions)
+    every = tuple(range(len(interventions)))
+    per_unit, stats = _generate_units(lm, [(list(p), every) for p in prompts], interventions, max_new_tokens,
+                                      stop, **options)
+    tokens = {iv.name: [u[c][0] for u in per_unit] for c, iv in enumerate(interventions)}
+    stopped = {iv.name: [u[c][1] for u in per_unit] for c, iv in enumerate(interventions)}
+    return FastResult(tokens, stopped, stats)
+
+
+@torch.no_grad()
+def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int, ...]]],
+                    interventions: Sequence[Intervention], max_new_tokens: int, stop: Sequence[int], *,
+                    force_tokens: bool = False, decode: str = "auto", max_rows: int | None = None,
+                    progress: bool = False, sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
+                    fuse: bool = True) -> tuple[list[dict[int, tuple[list[int], bool]]], FastStats]:
+    """Per unit (prompt ids, the conditions it is decoded under): {condition: (new ids, stopped)}, and the stats. A
+    batch's rows are condition-major: every unit of the batch under condition 0, then 1, ... (row c·n + i for one
+    set)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for p, _ in units):
         raise ValueError("every prompt needs at least one token")
     check_supported(lm)
     mode = resolve_decode(decode, lm.device)
     n_cond = len(interventions)
-    if not prompts or not n_cond:
-        return FastResult({n: [] for n in names}, {n: [] for n in names}, FastStats(0, 0, 0, 0, 0.0, 0.0, 0.0, mode))
-    longest = max(len(p) for p in prompts)
-    per_chunk = prompts_per_chunk(lm, len(prompts), n_cond, longest + max_new_tokens, max_rows)
+    if not units or not n_cond:
+        return [{} for _ in units], FastStats(0, 0, 0, 0, 0.0, 0.0, 0.0, mode)
+    longest = max(len(p) for p, _ in units)
+    per_chunk = prompts_per_chunk(lm, len(units), max(len(c) for _, c in units), longest + max_new_tokens, max_rows)
     stats: list[FastStats] = []
 
     def step(chunk):
-        out, st = generate_chunk(lm, chunk, interventions, max_new_tokens, stop, force_tokens, mode, progress,
+        rows = [(p, c) for c in range(n_cond) for p, conds in chunk if c in conds]
+        out, st = generate_chunk(lm, rows, interventions, max_new_tokens, stop, force_tokens, mode, progress,
                                  sdpa_backends, fuse)
         stats.append(st)
-        return out
+        it = iter(out)
+        per = [{} for _ in chunk]
+        for c in range(n_cond):
+            for i, (_, conds) in enumerate(chunk):
+                if c in conds:
+                    per[i][c] = next(it)
+        return per
 
-    per_prompt = run_batched(step, [list(p) for p in prompts], per_chunk, desc="generate [fast]")
-    tokens = {n: [per_prompt[i][c][0] for i in range(len(prompts))] for c, n in enumerate(names)}
-    stopped = {n: [per_prompt[i][c][1] for i in range(len(prompts))] for c, n in enumerate(names)}
+    per_unit = run_batched(step, list(units), per_chunk, desc="generate [fast]")
     total = FastStats(rows=max(s.rows for s in stats), chunks=len(stats), prompt_len=max(s.prompt_len for s in stats),
                       steps=max(s.steps for s in stats), prefill_s=sum(s.prefill_s for s in stats),
                       capture_s=sum(s.capture_s for s in stats), decode_s=sum(s.decode_s for s in stats),
                       decode=stats[-1].decode, notes=tuple(dict.fromkeys(n for s in stats for n in s.notes)))
-    log.info("fast generation: %d prompts x %d conditions in %d batch(es) of <=%d rows, %d new tokens, %s; "
-             "prefill %.2fs, capture %.2fs, decode %.2fs", len(prompts), n_cond, total.chunks, total.rows,
-             total.steps, total.decode, total.prefill_s, total.capture_s, total.decode_s)
-    return FastResult(tokens, stopped, total)
+    log.info("fast generation: %d prompts x %d conditions (%d rows) in %d batch(es) of <=%d rows, %d new tokens, "
+             "%s; prefill %.2fs, capture %.2fs, decode %.2fs", len(units), n_cond, sum(len(c) for _, c in units),
+             total.chunks, total.rows, total.steps, total.decode, total.prefill_s, total.capture_s, total.decode_s)
+    return per_unit, total
 
 
 # --------------------------------------------------------------------------------------------------

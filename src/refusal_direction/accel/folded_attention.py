@@ -90,6 +90,9 @@ def folded_gqa_attention(model: torch.nn.Module, decode_kernel: bool = False,
         model.set_attn_implementation("sdpa")
 
 
+_VERIFIED: dict[tuple, tuple[bool, str]] = {}  # (heads, kv heads, head dim, dtype, device) -> probe check result
+
+
 def _decode_kernel_for(model: torch.nn.Module, cfg, notes: list[str] | None):
     """`decode_attention.decode_attention` if it can run here and matches SDPA on probes, else None."""
     param = next(model.parameters())
@@ -99,9 +102,13 @@ def _decode_kernel_for(model: torch.nn.Module, cfg, notes: list[str] | None):
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    key = (heads, kv_heads, head_dim, param.dtype, str(param.device))
     try:
         from .decode_attention import decode_attention
-        ok, detail = verify_decode_kernel(decode_attention, heads, kv_heads, head_dim, param.dtype, param.device)
+        if key not in _VERIFIED:  # the probe check runs once per process and head shape (~0.1 s)
+            _VERIFIED[key] = verify_decode_kernel(decode_attention, heads, kv_heads, head_dim, param.dtype,
+                                                  param.device)
+        ok, detail = _VERIFIED[key]
     except Exception as exc:  # noqa: BLE001 - no Triton, no compiler, an unsupported GPU: keep SDPA
         say(f"decode attention kernel unavailable ({type(exc).__name__}: {str(exc)[:120]}): SDPA")
         return None

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..core.head import packed_head_input
 from ..core.interventions import Intervention
 from ..core.model import LoadedModel
 from ..core.padding import left_pad, pad_id, position_ids
@@ -77,7 +78,7 @@ class _Decoder:
 
 def generate_chunk(
     lm: LoadedModel,
-    prompts: list[list[int]],
+    rows: list[tuple[list[int], int]],
     interventions: Sequence[Intervention],
     max_new_tokens: int,
     stop: Sequence[int],
@@ -86,16 +87,16 @@ def generate_chunk(
     progress: bool = False,
     sdpa_backends: Sequence[str] | None = None,
     fuse: bool = False,
-) -> tuple[list[list[tuple[list[int], bool]]], FastStats]:
-    """Generate for one batch of prompts under every intervention: [prompt][condition] -> (ids, stopped)."""
+) -> tuple[list[tuple[list[int], bool]], FastStats]:
+    """Generate one batch: row b is prompt ``rows[b][0]`` under ``interventions[rows[b][1]]``; per row, in order:
+    (new token ids, stopped)."""
     model, device = lm.model, lm.device
-    n_cond, n_prompts = len(interventions), len(prompts)
-    rows = n_cond * n_prompts
-    ids, mask, position = _batch_inputs(lm, prompts, n_cond, max_new_tokens)
+    n_rows = len(rows)
+    ids, mask, position = _batch_inputs(lm, [p for p, _ in rows], max_new_tokens)
     length = ids.shape[1]
-    condition = torch.arange(rows, device=device) // n_prompts
+    condition = torch.tensor([c for _, c in rows], device=device)
     # [rows] each, in the model's dtype (no conversion kernel per hook call): 1 where the intervention applies
-    switches = [(condition == c).to(lm.dtype) for c in range(n_cond)]
+    switches = [(condition == c).to(lm.dtype) for c in range(len(interventions))]
     stop_t = torch.tensor(sorted(set(stop)) or [-1], dtype=torch.long, device=device)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     notes: list[str] = []
@@ -109,6 +110,7 @@ def generate_chunk(
         notes += stack.enter_context(restricted_sdpa(device, sdpa_backends))
         notes += stack.enter_context(fused_kernels(model, fuse))
         hooked = stack.enter_context(apply_interventions(lm, interventions, switches))
+        stack.enter_context(packed_head_input(model))
         if hooked["stacked"]:
             notes.append(f"{hooked['stacked']} projection interventions stacked: one hook per site")
         t0 = time.perf_counter()
@@ -119,20 +121,19 @@ def generate_chunk(
         tokens, produced, capture_s, decode_s, mode = _decode(dec, mode, max_new_tokens, force_tokens, progress,
                                                               sync, notes)
 
-    out = _cut_rows(tokens, n_prompts, stop, force_tokens)
-    stats = FastStats(rows, 1, length, produced, prefill_s, capture_s, decode_s, mode, tuple(notes))
+    out = _cut_rows(tokens, stop, force_tokens)
+    stats = FastStats(n_rows, 1, length, produced, prefill_s, capture_s, decode_s, mode, tuple(notes))
     return out, stats
 
 
-def _batch_inputs(lm: LoadedModel, prompts: list[list[int]], n_cond: int, max_new_tokens: int
+def _batch_inputs(lm: LoadedModel, prompts: list[list[int]], max_new_tokens: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids [rows, length], attention mask [rows, length + max_new_tokens] and position ids [rows, length]
-    of the left-padded prompts, repeated per condition: row c*n_prompts + i = prompt i, condition c."""
-    ids, prompt_mask = left_pad(prompts, pad_id(lm.tokenizer, lm.model.config))  # [n_prompts, length], on the host
+    """Token ids [rows, length], attention mask over the whole static cache [rows, length + max_new] and position
+    ids [rows, length] of the left-padded prompts, one row each."""
+    ids, prompt_mask = left_pad(prompts, pad_id(lm.tokenizer, lm.model.config))  # [rows, length], on the host
     # generated positions are 1 from the start: causality hides the future
     mask = torch.cat([prompt_mask, torch.ones(len(prompts), max_new_tokens, dtype=torch.long)], dim=1)
-    ids = ids.repeat(n_cond, 1).to(lm.device)  # [rows, length]
-    mask = mask.repeat(n_cond, 1).to(lm.device)  # [rows, cache_len]
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
     position = position_ids(mask[:, :ids.shape[1]])  # [rows, length], as HF generate
     return ids, mask, position
 
@@ -232,14 +233,13 @@ def _capture_graph(dec: _Decoder, notes: list[str]) -> Callable[[], None] | None
         return None
 
 
-def _cut_rows(tokens: torch.Tensor, n_prompts: int, stop: Sequence[int], force_tokens: bool
-              ) -> list[list[tuple[list[int], bool]]]:
-    """[prompt][condition] -> (ids up to and including the first stop token, whether one was found)."""
+def _cut_rows(tokens: torch.Tensor, stop: Sequence[int], force_tokens: bool) -> list[tuple[list[int], bool]]:
+    """Per row: (ids up to and including the first stop token, whether one was found)."""
     stop_set = set(stop)
-    out: list[list[tuple[list[int], bool]]] = [[] for _ in range(n_prompts)]
-    for r, row in enumerate(tokens.tolist()):
+    out: list[tuple[list[int], bool]] = []
+    for row in tokens.tolist():
         end = None if force_tokens else next((k + 1 for k, t in enumerate(row) if t in stop_set), None)
-        out[r % n_prompts].append((row if end is None else row[:end], end is not None))
+        out.append((row if end is None else row[:end], end is not None))
     return out
 
 

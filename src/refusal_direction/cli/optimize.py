@@ -24,11 +24,14 @@ def optimize(
     search_tokens: int = typer.Option(32, help="greedy tokens per harmful validation prompt during the search"),
     n_xstest: int = typer.Option(250, help="XSTest safe prompts in the final evaluation, 0: skip"),
     export: bool = typer.Option(True, "--export/--no-export", help="export and verify the chosen edit"),
+    lora: bool = typer.Option(False, "--lora", help="also write the chosen edit as a peft LoRA adapter (exact for "
+                              "the low-rank forms; refused, with the reason, for the norm-preserving one)"),
     force: bool = False,
 ) -> None:
     """Search direction, layer kernels, norm preservation and subspace size for low refusal at low KL (OUT/optimize)."""
     from ..run.optimize import OptimizeSettings, optimize_main
 
     settings = OptimizeSettings(trials=trials, batch_trials=batch_trials, seed=seed, one_at_a_time=one_at_a_time,
-                                target=target, search_tokens=search_tokens, n_xstest=n_xstest, export=export)
+                                target=target, search_tokens=search_tokens, n_xstest=n_xstest, export=export,
+                                lora=lora)
     print(optimize_main(out, model, config, settings, force, setup_logging))

@@ -76,7 +76,12 @@ def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=N
     setup_logging(out, quiet=json_out, verbose=verbose)
     acquire_lock(out)
     from ..run import pipeline
+    from ..run.rundir import process_age_s
+
+    imported = process_age_s()  # interpreter start-up and the imports until here
     run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
+    if imported is not None:
+        run.timing("startup_s", imported)
     summary = pipeline.replicate(run, force=force)
     if json_out:
         print(json.dumps(summary, indent=2))

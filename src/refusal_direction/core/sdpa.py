@@ -1,8 +1,8 @@
 """Which attention kernels PyTorch's scaled-dot-product attention may use on CUDA, for a block of code.
 
-Extraction, the selection sweep and fast generation restrict SDPA to memory-efficient / math kernels on CUDA
-(cuDNN builds a plan per new shape, which was measured as a 2.7-3.3 s outlier on an H200). On other devices
-nothing changes.
+Extraction, the selection sweep, fast generation and the capability checks restrict SDPA to memory-efficient / math
+kernels on CUDA (cuDNN builds a plan per new shape, which was measured as a 2.7-3.3 s outlier on an H200). On other
+devices nothing changes.
 """
 
 from __future__ import annotations

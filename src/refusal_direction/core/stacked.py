@@ -43,19 +43,27 @@ def projection_form(lm: LoadedModel, intervention) -> tuple[torch.Tensor, dict[t
 
 
 def _stack(lm: LoadedModel, forms: Sequence[tuple], switches: Sequence[torch.Tensor]):
-    """Per-row bases [rows, k_max, d] and per-site row weights {site: [rows]} (sites with a nonzero weight)."""
+    """Per-row bases [rows, k_max, d] and per-site row weights {site: [rows]} (sites with a nonzero weight).
+
+    Built on the host and copied to the device in two transfers (a copy from pageable host memory waits for the
+    device's queue, so one per site would hold the host back before every batch)."""
     rows = switches[0].shape[0]
     k_max = max(basis.shape[0] for basis, _ in forms)
+    on_all = torch.stack([sw.detach() for sw in switches]).cpu().bool()  # [n_forms, rows], one transfer
     bases = torch.zeros(rows, k_max, lm.d_model, dtype=torch.float32)
-    weights: dict[tuple[str, int], torch.Tensor] = {}
-    for (basis, site_w), switch in zip(forms, switches, strict=True):
-        on = switch.detach().cpu().bool()
+    sites: dict[tuple[str, int], int] = {}
+    entries: list[tuple[int, torch.Tensor, float]] = []
+    for (basis, site_w), on in zip(forms, on_all, strict=True):
         bases[on, :basis.shape[0]] = basis.float().cpu()
         for site, w in site_w.items():
             if w:
-                weights.setdefault(site, torch.zeros(rows, dtype=torch.float32))[on] = float(w)
+                entries.append((sites.setdefault(site, len(sites)), on, float(w)))
+    table = torch.zeros(len(sites), rows, dtype=torch.float32)
+    for i, on, w in entries:
+        table[i, on] = w
     device, dtype = lm.device, lm.dtype
-    return bases.to(device=device, dtype=dtype), {s: w.to(device=device, dtype=dtype) for s, w in weights.items()}
+    table = table.to(device=device, dtype=dtype)
+    return bases.to(device=device, dtype=dtype), {site: table[i] for site, i in sites.items()}
 
 
 def project_rows(x: torch.Tensor, bases: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

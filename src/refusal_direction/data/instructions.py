@@ -161,9 +161,22 @@ def load_instructions(spec: str, data_dir: Path | None = None) -> list[Instructi
         if not path.is_file():
             raise UserError(f"instruction set {spec!r} is neither a named set ({', '.join(NAMED_SETS)}) nor an "
                             "existing file")
-    items = read_instruction_file(path)
+    items = _read_once(path)
     prefix = spec if spec in NAMED_SETS else path.stem
     return [Instruction(i.text, i.category, f"{prefix}-{n}") for n, i in enumerate(items)]
+
+
+_READ: dict[tuple, tuple[Instruction, ...]] = {}  # (path, size, mtime) -> its parsed items, per process
+
+
+def _read_once(path: Path) -> tuple[Instruction, ...]:
+    """`read_instruction_file`, parsed once per process while the file is unchanged (preflight and the samples
+    stage read the same sets)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _READ:
+        _READ[key] = tuple(read_instruction_file(path))
+    return _READ[key]
 
 
 def read_xstest_prompts(path: Path, spec: str, data_dir: Path) -> list[Instruction]:

@@ -22,8 +22,13 @@ import torch
 from ..core.batching import run_batched
 from ..core.interventions import Baseline, Intervention, apply_intervention
 from ..core.model import LoadedModel
+from ..core.sdpa import restricted_sdpa
 
 log = logging.getLogger(__name__)
+
+# attention kernels on CUDA: every batch has its own padded length, and cuDNN would build a plan for each
+# (core.sdpa); memory-efficient attention, math where it does not apply
+SDPA = ("efficient", "math")
 
 Completion = Union[str, Sequence[int]]  # text, or token ids (e.g. `Generated.token_ids`)
 
@@ -37,7 +42,7 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def last_token_logprobs(lm: LoadedModel, instructions: Sequence[str], intervention: Intervention) -> torch.Tensor:
     """log p(next token) at the last prompt position under ``intervention``: [batch, vocab] float64."""
     enc = lm.tokenize(list(instructions))
-    with apply_intervention(lm, intervention):
+    with apply_intervention(lm, intervention), restricted_sdpa(lm.device, SDPA):
         logits = lm.model(**enc, position_ids=position_ids(enc["attention_mask"]), use_cache=False).logits
     return torch.log_softmax(logits[:, -1].double(), dim=-1)
 
@@ -48,13 +53,24 @@ def next_token_kl(
     intervention: Intervention,
     batch_size: int = 32,
     progress: bool = False,
+    baseline: dict | None = None,
 ) -> dict:
     """KL(baseline ‖ intervened) of the last-position next-token distributions, in nats (float64).
 
-    Returns ``{"kl": mean, "per_prompt": [...], "n_prompts": n, "intervention": name}``.
+    ``baseline``: a dict shared by calls on the same instructions (e.g. one per condition) that keeps each batch's
+    baseline distribution, so it is computed once, not once per intervention; the baseline itself is 0 by
+    definition and needs no forward pass. Returns ``{"kl": mean, "per_prompt": [...], "n_prompts": n,
+    "intervention": name}``.
     """
+    cache = {} if baseline is None else baseline
+
     def step(batch):
-        base = last_token_logprobs(lm, batch, Baseline())  # [batch, vocab]
+        if isinstance(intervention, Baseline):
+            return [0.0] * len(batch)
+        key = tuple(batch)
+        if key not in cache:
+            cache[key] = last_token_logprobs(lm, batch, Baseline())  # [batch, vocab]
+        base = cache[key]
         other = last_token_logprobs(lm, batch, intervention)
         kl = (base.exp() * (base - other)).sum(-1)  # [batch]
         return kl.cpu().tolist()
@@ -91,7 +107,7 @@ def completion_nll(
     for b, (r, p) in enumerate(zip(rows, n_prompt)):
         start = width - len(r) + p  # index of the first completion token
         labels[b, start - 1:width - 1] = ids[b, start:]
-    with apply_intervention(lm, intervention):
+    with apply_intervention(lm, intervention), restricted_sdpa(lm.device, SDPA):
         logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
     keep = labels != -100  # [batch, seq]
     logp = torch.log_softmax(logits[keep].float(), dim=-1)  # [n_tokens, vocab]

@@ -183,26 +183,62 @@ def _writers_of(lm: LoadedModel) -> list:
     return found
 
 
+_NORMS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_EMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+
+
+def _written(module) -> torch.Tensor:
+    """The writer's written vectors [in, d] (a view of its weight, in its own dtype)."""
+    return module.weight.detach() if _is_conv1d(module) else module.weight.detach().T
+
+
+def _squared_norms(module) -> torch.Tensor:
+    """‖v‖² of each written vector of ``module`` [in], float64, computed once per module (per weight version)."""
+    w = module.weight
+    hit = _NORMS.get(module)
+    if hit is None or hit[0] is not w or hit[1] != w._version:
+        v = _written(module).to(torch.float64)
+        hit = _NORMS[module] = (w, w._version, (v * v).sum(-1))
+    return hit[2]
+
+
 def norm_preserving_ablation(lm: LoadedModel, direction: torch.Tensor, name: str = "norm_preserving"
                              ) -> NormPreservingAblation:
-    """The hook form of `norm_preserving_weights_` on ``lm`` (its writers' input scales and bias shifts)."""
+    """The hook form of `norm_preserving_weights_` on ``lm`` (its writers' input scales and bias shifts).
+
+    scale = ‖v‖ / ‖(I − P) v‖ = ‖v‖ / √(‖v‖² − (v·r̂)²) per written vector, with ‖v‖² cached per writer in
+    float64 and v·r̂ from one float32 product per writer (a search builds this for many trials; the weight
+    form computes (I − P) v itself in float64, and the two agree to ~1e-7 relative)."""
     r_cpu = _unit(direction)
     writers = _writers_of(lm)
+    r_on: dict[str, torch.Tensor] = {}  # r̂ in float32 on each weight's device, copied there once
+    dots = []
+    for module in writers:
+        key = str(module.weight.device)
+        if key not in r_on:
+            r_on[key] = r_cpu.to(device=module.weight.device, dtype=torch.float32)
+        dots.append(_written(module).float() @ r_on[key])
+    scales: list[torch.Tensor | None] = [None] * len(writers)
+    for key in r_on:  # the scale arithmetic once per device, over every writer's vectors together
+        idx = [i for i, m in enumerate(writers) if str(m.weight.device) == key]
+        dot = torch.cat([dots[i] for i in idx]).double()
+        nsq = torch.cat([_squared_norms(writers[i]) for i in idx])
+        removed = nsq - dot * dot  # ‖(I − P) v‖², exactly 0 for a vector parallel to r̂ (up to rounding)
+        scale = torch.where(removed > 1e-12 * nsq, (nsq / removed.clamp(min=1e-300)).sqrt(), 1.0).float()
+        for i, part in zip(idx, scale.split([len(dots[i]) for i in idx]), strict=True):
+            scales[i] = part
     edits = []
-    for module in writers:  # in float64 on the weight's own device (a GPU does the 0.5B model's writers in ms)
-        w = module.weight.detach().to(torch.float64)
-        r = r_cpu.to(w.device)
-        vectors = w if _is_conv1d(module) else w.T  # [in, d]
-        removed = (vectors - torch.outer(vectors @ r, r)).norm(dim=-1)
-        scale = torch.where(removed > 0, vectors.norm(dim=-1) / removed.clamp(min=1e-300), torch.ones_like(removed))
+    for module, scale in zip(writers, scales, strict=True):
         delta = None
         if getattr(module, "bias", None) is not None:
             b = module.bias.detach().to(torch.float64)[None]
-            delta = (_norm_preserved(b, r) - (b - torch.outer(b @ r, r)))[0]
-        edits.append(WriterEdit(module, scale.float(), None if delta is None else delta.float()))
-    d_model = lm.d_model
-    embeddings = _embeddings(lm.model, lm.blocks, d_model)
-    return NormPreservingAblation(direction, tuple(embeddings), tuple(edits), name=name)
+            rb = r_cpu.to(b.device)
+            delta = (_norm_preserved(b, rb) - (b - torch.outer(b @ rb, rb)))[0]
+        edits.append(WriterEdit(module, scale, None if delta is None else delta.float()))
+    embeddings = _EMBEDDINGS.get(lm.model)
+    if embeddings is None:
+        embeddings = _EMBEDDINGS[lm.model] = tuple(_embeddings(lm.model, lm.blocks, lm.d_model))
+    return NormPreservingAblation(direction, embeddings, tuple(edits), name=name)
 
 
 def method_weights_(model, intervention) -> EditedWeights:

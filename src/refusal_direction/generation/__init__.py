@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "fast", "hf")
 
-__all__ = ["BACKENDS", "Generated", "GenerationSettings", "choose_backend", "generate", "generate_all"]
+__all__ = ["BACKENDS", "Generated", "GenerationSettings", "choose_backend", "generate", "generate_all",
+           "generate_sets"]
 
 
 def choose_backend(lm: LoadedModel, backend: str = "auto") -> str:
@@ -70,6 +71,40 @@ def generate_all(
         out[iv.name] = generate_hf(lm, instructions, iv, settings, progress)
         if on_done is not None:
             on_done(iv.name, out[iv.name], time.perf_counter() - t0)
+    return out
+
+
+def generate_sets(
+    lm: LoadedModel,
+    sets: Sequence[tuple[Sequence[str], Sequence[Intervention]]],
+    settings: GenerationSettings = GenerationSettings(),
+    progress: bool = False,
+    backend: str = "auto",
+    on_done=None,
+) -> list[dict[str, list[Generated]]]:
+    """Several prompt sets, each under its own interventions: per set, {intervention name: completions}.
+
+    On the fast path every set's rows share one batch (one decode loop; an intervention object passed to
+    several sets is one condition); on HF generate the sets run one after another, a condition at a time.
+    ``on_done(set index, name, completions, seconds)`` is called as each (set, condition) finishes."""
+    import time
+
+    if choose_backend(lm, backend) == "fast":
+        from ..accel import generate_fast_sets
+
+        t0 = time.perf_counter()
+        out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, progress)
+        if on_done is not None:
+            for k, per_set in enumerate(out):
+                for name, gens in per_set.items():
+                    on_done(k, name, gens, time.perf_counter() - t0)
+        return out
+    out = []
+    for k, (instructions, ivs) in enumerate(sets):
+        def done(name, gens, seconds, k=k):
+            if on_done is not None:
+                on_done(k, name, gens, seconds)
+        out.append(generate_all(lm, instructions, ivs, settings, progress, "hf", on_done=done))
     return out
 
 

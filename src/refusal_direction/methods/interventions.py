@@ -240,37 +240,53 @@ class NormPreservingAblation:
         if any([m for m in g.embeddings] != [m for m in first.embeddings] or
                [w.module for w in g.writers] != [w.module for w in first.writers] for g in group[1:]):
             return None
-        dev, dt, rows = lm.device, lm.dtype, switches[0].shape[0]
-        on = [sw.to(dev).bool() for sw in switches]
-        r_rows = torch.zeros(rows, lm.d_model, device=dev, dtype=dt)
-        for g, mask in zip(group, on, strict=True):
-            r_rows[mask] = unit(g.direction).to(device=dev, dtype=dt)
-        any_on = torch.stack(on).any(0).view(-1, 1, 1)
+        dt, rows = lm.dtype, switches[0].shape[0]
+        # which[b]: 1 + the member acting on row b (0: none); every per-row table is gathered by it on the device,
+        # with no host synchronisation (boolean-mask writes would wait for the device once per writer and member)
+        on_all = (torch.stack([sw.detach() for sw in switches]).cpu() != 0).long()  # [members, rows], one transfer
+        which = (on_all * torch.arange(1, len(group) + 1)[:, None]).sum(0)
+        units = torch.cat([torch.zeros(1, lm.d_model), torch.stack([unit(g.direction).float().cpu() for g in group])])
+        per_device: dict[str, tuple] = {}
+
+        def on(device):  # (which, r_rows [rows, d], any_on) on ``device``, copied there once
+            key = str(device)
+            if key not in per_device:
+                w = which.to(device)
+                per_device[key] = (w, units.to(device=device, dtype=dt)[w], (w > 0).view(-1, 1, 1))
+            return per_device[key]
 
         def project(x):  # x − (x·r_b) r_b per row (r_b = 0 on rows off)
+            _, r_rows, _ = on(x.device)
             flat = x.reshape(rows, -1, x.shape[-1])
             return (flat - torch.bmm(flat, r_rows.unsqueeze(-1)) * r_rows.unsqueeze(1)).view_as(x)
 
         def embed(e):
             removed = project(e)
             ratio = e.norm(dim=-1, keepdim=True) / removed.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+            any_on = on(e.device)[2]
             return torch.where(any_on.view(-1, *([1] * (e.dim() - 1))), removed * ratio, e)
 
         handles = [_hook_out(m, embed) for m in first.embeddings]
         for j, module in enumerate(w.module for w in first.writers):
-            scale = torch.ones(rows, first.writers[j].scale.shape[0], device=dev, dtype=dt)
-            shift = torch.zeros(rows, lm.d_model, device=dev, dtype=dt)
-            for g, mask in zip(group, on, strict=True):
-                scale[mask] = g.writers[j].scale.to(device=dev, dtype=dt)
-                if g.writers[j].bias_delta is not None:
-                    shift[mask] = g.writers[j].bias_delta.to(device=dev, dtype=dt)
+            device = module.weight.device
+            w_dev = on(device)[0]
+            ones = torch.ones(1, first.writers[j].scale.shape[0], device=device, dtype=dt)
+            scales = torch.stack([g.writers[j].scale.to(device=device, dtype=dt) for g in group])
+            scale = torch.cat([ones, scales])[w_dev]
+            shift = None
+            if any(g.writers[j].bias_delta is not None for g in group):
+                deltas = [torch.zeros(lm.d_model) if g.writers[j].bias_delta is None else g.writers[j].bias_delta.cpu()
+                          for g in group]
+                shift = torch.cat([torch.zeros(1, lm.d_model), torch.stack(deltas).float()]).to(device=device,
+                                                                                               dtype=dt)[w_dev]
 
             def pre(module, args, kwargs, scale=scale):
                 a = args[0]
                 return (a * scale.view(rows, *([1] * (a.dim() - 2)), -1),) + tuple(args[1:]), kwargs
 
             def post(y, shift=shift):
-                return project(y) + shift.view(rows, *([1] * (y.dim() - 2)), -1)
+                out = project(y)
+                return out if shift is None else out + shift.view(rows, *([1] * (y.dim() - 2)), -1)
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(_hook_out(module, post))

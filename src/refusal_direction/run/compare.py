@@ -114,11 +114,12 @@ def _run_methods(run: Run, samples, xstest, ivs: dict, info: dict) -> None:
                         backend=c.generation_backend)
     run.timing("compare_generate_s", time.perf_counter() - t0)
     n_eval = len(samples.eval)
+    baseline: dict = {}  # each KL batch's baseline distribution, computed once for every method
     for name, iv in ivs.items():
         rows = [{"id": item.id, "category": item.category, "instruction": item.text, "completion": g.text,
                  "refusal": is_refusal(g.text), "n_tokens": len(g.token_ids)}
                 for item, g in zip(prompts, gens[name], strict=True)]
-        kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)["per_prompt"]
+        kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size, baseline=baseline)["per_prompt"]
         pairs = list(zip(harmless, own))
         nll = run_batched(lambda b, iv=iv: completion_nll(lm, [p[0] for p in b], [p[1] for p in b], iv),
                           pairs, c.batch_size, desc=f"ce [{name}]")

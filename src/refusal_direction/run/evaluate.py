@@ -107,14 +107,14 @@ def stage_capability(run: Run, samples: Samples, direction: Direction, force: bo
     if run.completions_path("harmless_baseline").is_file():
         own = [r["completion"] for r in read_jsonl(run.completions_path("harmless_baseline"))]
     t0 = time.perf_counter()
-    out = {}
+    out, baseline = {}, {}  # baseline: each batch's baseline distribution, shared by the conditions
     for cond in c.conditions:
         iv = condition_intervention(cond, direction, c.actadd_coeff)
         if cond.startswith("harmless_") and cond != "harmless_actadd":
             continue
         if cond.startswith("xstest_"):  # capability is measured on the harmless set only
             continue
-        kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)
+        kl = next_token_kl(lm, harmless, iv, batch_size=c.batch_size, baseline=baseline)
         entry = {"kl": kl["kl"], "dataset": "harmless"}
         if own is not None:
             ce = completion_cross_entropy(lm, harmless, own, iv, batch_size=c.batch_size)

@@ -31,31 +31,39 @@ def condition_intervention(condition: str, direction: Direction, coeff: float) -
 
 def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool = False) -> None:
     from ..core.decoding import GenerationSettings
-    from ..generation import choose_backend, generate_all
+    from ..generation import choose_backend, generate_sets
 
     c = run.config
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     backend = choose_backend(run.lm, c.generation_backend)
     check_backend(run, backend, force)
-    per_condition = backend == "hf"  # the fast path runs them together
+    per_condition = backend == "hf"  # the fast path runs every set's conditions in one batch
+    shared: dict[str, Intervention] = {}  # one object per intervention: a condition shared by sets is one
+    sets, jobs = [], []  # jobs[k]: (dataset key, items, {intervention name: condition}) of sets[k]
     for dataset_key in ("eval", "harmless_eval", "xstest_safe", "xstest_unsafe"):
         todo = [cond for cond in c.all_conditions if CONDITION_FILES[cond][0] == dataset_key
                 and (force or completions_problem(run, cond, dataset_items(run, samples, dataset_key), redo=True))]
         if not todo:
             continue
         items = dataset_items(run, samples, dataset_key)
-        interventions = {cond: condition_intervention(cond, direction, c.actadd_coeff) for cond in todo}
-        condition_of = {iv.name: cond for cond, iv in interventions.items()}
+        ivs = {}
+        for cond in todo:
+            iv = condition_intervention(cond, direction, c.actadd_coeff)
+            ivs[cond] = shared.setdefault(iv.name, iv)
+        sets.append(([i.text for i in items], list(ivs.values())))
+        jobs.append((dataset_key, items, {iv.name: cond for cond, iv in ivs.items()}))
+    if not sets:
+        return
 
-        def done(name, gens, seconds, items=items, condition_of=condition_of):
-            write_completions(run, condition_of[name], items, gens)
-            if per_condition:
-                run.timing(f"generate_{condition_of[name]}_s", seconds)
+    def done(k, name, gens, seconds):
+        _, items, condition_of = jobs[k]
+        write_completions(run, condition_of[name], items, gens)
+        if per_condition:
+            run.timing(f"generate_{condition_of[name]}_s", seconds)
 
-        t0 = time.perf_counter()
-        generate_all(run.lm, [i.text for i in items], list(interventions.values()), settings,
-                     progress=run.progress, backend=c.generation_backend, on_done=done)
-        run.timing(f"generate_{dataset_key}_s", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done)
+    run.timing("generate_s", time.perf_counter() - t0)  # every set (on the fast path: one shared batch)
 
 
 def dataset_items(run: Run, samples: Samples, dataset_key: str) -> list[Instruction]:

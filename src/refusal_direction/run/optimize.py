@@ -8,6 +8,7 @@ In the run directory (samples, extraction and the direction are the run's own, m
     optimize/final.json     the chosen edit and DiM on JailbreakBench (the run's max_new_tokens) and XSTest
                             safe prompts, with the run's judge and the substring judge; final.md
     optimize/export/        the chosen edit merged into the weights (export.method_export), verified
+    optimize/lora/          with --lora: the same edit as a peft LoRA adapter (export.lora), verified
     optimize/summary.json   settings, counts, the choice, speed (trials/s batched and one at a time), final
 
 Objectives, on prompts the final evaluation never sees: the refusal rate on the run's harmful validation
@@ -49,7 +50,8 @@ class OptimizeSettings:
     search_tokens: int = 32  # greedy tokens per harmful validation prompt during the search
     n_xstest: int = 250  # XSTest safe prompts in the final evaluation (0: skip)
     export: bool = True  # export and verify the chosen edit
-    max_kl_rows: int = 512  # rows per KL forward pass
+    lora: bool = False  # also a peft LoRA adapter of the chosen edit (export/lora.py), verified
+    max_kl_rows: int = 2048  # rows per KL forward pass (halved on out-of-memory)
 
     def __post_init__(self):
         problems = [f"--{name.replace('_', '-')} {value}: {need}" for name, value, ok, need in (
@@ -58,7 +60,8 @@ class OptimizeSettings:
             ("target", self.target, 0.0 <= self.target <= 1.0, "a refusal rate, between 0 and 1"),
             ("search_tokens", self.search_tokens, self.search_tokens >= 1, "use at least 1"),
             ("n_xstest", self.n_xstest, self.n_xstest >= 0, "use 0 (skip) or more"),
-            ("max_kl_rows", self.max_kl_rows, self.max_kl_rows >= 1, "use at least 1")) if not ok]
+            ("max_kl_rows", self.max_kl_rows, self.max_kl_rows >= 1, "use at least 1"),
+            ("lora", self.lora, self.export or not self.lora, "needs the export (drop --no-export)")) if not ok]
         if problems:
             raise UserError("; ".join(problems))
 
@@ -93,6 +96,10 @@ def optimize_main(out: Path, model: str | None, config: Path | None, settings: O
             lines.append(f"  {r['edit']}: JBB refusal {r['refusal']['rate']:.3f}, KL {r['kl']['value']:.4f}")
     if summary.get("export"):
         lines.append(f"export: {summary['export']['dir']} (verified: {summary['export']['verify']['ok']})")
+        lora = summary["export"].get("lora")
+        if lora:
+            lines.append(f"LoRA adapter: {lora['dir']} (rank {lora['rank']}, verified: {lora['verify']['ok']})"
+                         if "dir" in lora else f"LoRA adapter: not written ({lora['skipped']})")
     lines.append(f"outputs: {optimize_dir_for(out)}")
     return "\n".join(lines)
 
@@ -127,6 +134,7 @@ def search(run: Run, samples, candidates, direction, s: OptimizeSettings):
         study, s.trials, s.batch, suggest=lambda t: suggest(t, list(candidates.positions), lm.n_layers),
         build=lambda p, name: build_intervention(lm, candidates, p, name, c.prune_layer_fraction),
         evaluate=evaluator.evaluate, progress=run.progress)
+    result["phases"] |= {f"evaluate_{k}": v for k, v in evaluator.timings.items()}
     return study, {**result, "batch_trials": s.batch, "recovered_running": recovered}
 
 
@@ -175,6 +183,14 @@ def _speed(run: Run, record: dict, setup_s: float, s: OptimizeSettings) -> dict:
     return speed
 
 
+def _without_completions(final: dict | None) -> dict | None:
+    """final.json's content for summary.json: the rows and the key, not the per-prompt records (completions stay in
+    final.json in the run directory)."""
+    if final is None:
+        return None
+    return {k: v for k, v in final.items() if k not in ("records", "kl_per_prompt")} | {"records": "final.json"}
+
+
 def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) -> dict:
     """Search, front, final evaluation and export (each resumable); optimize/summary.json's content."""
     from ..search import complete_trials
@@ -194,7 +210,7 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
     if chosen is not None:
         final = final_evaluation(run, samples, candidates, direction, chosen, s, optimize_dir(run))
         if s.export:
-            exported = export_chosen(run, samples, candidates, chosen, optimize_dir(run))
+            exported = export_chosen(run, samples, candidates, chosen, optimize_dir(run), lora=s.lora)
     n_failed = sum(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False))
     summary = {"schema_version": 1, "model": run.config.model, "settings": asdict(s),
                "sampler": "optuna TPESampler (multi-objective, constant_liar, multivariate, group)",
@@ -202,7 +218,7 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
                               "mean next-token KL on harmless_val"],
                "n_complete": len(complete_trials(study)), "n_failed": n_failed, "target": s.target,
                "choice_rule": CHOICE_RULE, "chosen": chosen, "front": front, "speed": speed,
-               "last_call": record, "final": final, "export": exported}
+               "last_call": record, "final": _without_completions(final), "export": exported}
     atomic_write_json(optimize_dir(run) / "summary.json", summary)
     return summary
 

@@ -9,8 +9,10 @@ with a bootstrap 95 % interval. It is redone only when the chosen trial changes.
 
 Export (``optimize/export``): the chosen edit's weight form (`export.method_export.export_method_model`),
 then `verify_method_export` (hooked source vs reloaded export; logits within the dtype's tolerance, the same
-greedy tokens). A LoRA adapter is not offered: the kernel and norm-preserving forms edit every writer's full
-weight, which a low-rank adapter reproduces only for the rank-k subspace form.
+greedy tokens). With ``lora`` also ``optimize/lora``: the same edit as a peft LoRA adapter (`export.lora`: the
+factors of what the merged export changed, rank k), loaded through peft onto a copy of the source and verified the
+same way; the norm-preserving form (a full-rank change) and edits that change biases are not written, the reason
+recorded in export.json.
 """
 
 from __future__ import annotations
@@ -79,12 +81,12 @@ def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, 
                         backend=c.generation_backend)
     judge = get_judge(c.judge)
     n_eval = len(samples.eval)
-    records, kls = {}, {}
+    records, kls, baseline = {}, {}, {}  # baseline: each KL batch's baseline distribution, computed once
     harmless = [i.text for i in samples.harmless_eval]
     for n, iv in ivs.items():
         rows = _records(judge, prompts, gens[n])
         records[n] = {"jailbreakbench": rows[:n_eval], "xstest": rows[n_eval:]}
-        kls[n] = next_token_kl(lm, harmless, iv, batch_size=c.batch_size)["per_prompt"]
+        kls[n] = next_token_kl(lm, harmless, iv, batch_size=c.batch_size, baseline=baseline)["per_prompt"]
     result = {"schema_version": 1, "key": key, "judge": c.judge, "rows": _final_rows(records, kls),
               "chosen": chosen, "dim": {"layer": direction.layer, "position": direction.position},
               "records": records, "kl_per_prompt": kls}
@@ -93,8 +95,9 @@ def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, 
     return result
 
 
-def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
-    """Export the chosen edit's weights to ``d``/export (replacing a previous choice's) and verify them."""
+def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path, lora: bool = False) -> dict:
+    """Export the chosen edit's weights to ``d``/export (replacing a previous choice's) and verify them; with
+    ``lora`` also the adapter in ``d``/lora."""
     from ..export import default_tol, load_exported
     from ..export.method_export import export_method_model, verify_method_export
     from ..search import build_intervention
@@ -104,7 +107,7 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
     record_path = d / "export.json"
     if record_path.is_file() and out.is_dir():
         saved = read_json(record_path, "run file")
-        if saved.get("trial") == chosen["number"]:
+        if saved.get("trial") == chosen["number"] and (not lora or saved.get("lora")):
             return saved
     src = _float32_source(run)
     iv = build_intervention(src, candidates, chosen["params"], f"trial{chosen['number']}", c.prune_layer_fraction)
@@ -112,14 +115,40 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path) -> dict:
                         force=True)
     exported = load_exported(out, device=src.device, dtype=src.dtype)
     tol = default_tol(src.dtype)
-    verify = verify_method_export(src, exported, iv, [i.text for i in samples.eval[:8]], max_new_tokens=16, tol=tol)
+    prompts = [i.text for i in samples.eval[:8]]
+    verify = verify_method_export(src, exported, iv, prompts, max_new_tokens=16, tol=tol)
     verify["dtype"] = str(src.dtype).removeprefix("torch.")
-    del exported, src
     log.info("optimize: exported trial %d to %s; verify: max |dlogit| %.3g, agreement %.3f, ok=%s", chosen["number"],
              out, verify["max_abs_logit_diff"], verify["agreement"], verify["ok"])
     record = {"trial": chosen["number"], "dir": str(out), "verify": verify}
+    if lora:
+        record["lora"] = _export_lora(src, exported, iv, prompts, d / "lora", tol, run.config.model)
+    del exported, src
     atomic_write_json(record_path, record)
     return record
+
+
+def _export_lora(src, exported, iv, prompts, out: Path, tol: float, base_name: str) -> dict:
+    """The adapter of what the merged export changed, verified against the hooks; {"skipped": why} when the edit
+    has no exact LoRA form."""
+    import shutil
+
+    from ..export.lora import LoraUnsupported, load_lora, lora_factors, save_lora
+    from ..export.method_export import verify_method_export
+
+    try:
+        factors = lora_factors(src.model, exported)
+    except LoraUnsupported as exc:
+        log.warning("optimize: no LoRA adapter for %s: %s", iv.name, exc)
+        return {"skipped": str(exc)}
+    if out.exists():
+        shutil.rmtree(out)
+    info = save_lora(src.model, factors, out, base_name=base_name)
+    adapted = load_lora(src.model, out)
+    info["verify"] = verify_method_export(src, adapted, iv, prompts, max_new_tokens=16, tol=tol)
+    log.info("optimize: LoRA adapter (rank %d) in %s; verify: max |dlogit| %.3g, agreement %.3f, ok=%s", info["rank"],
+             out, info["verify"]["max_abs_logit_diff"], info["verify"]["agreement"], info["verify"]["ok"])
+    return info
 
 
 def _float32_source(run: Run):

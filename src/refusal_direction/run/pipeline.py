@@ -11,6 +11,7 @@ Run directory layout: see the README ("Run directory"). This module keeps the en
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from ..config import RunConfig
@@ -30,6 +31,7 @@ from .rundir import (
     log_to_run_dir,
     open_run,
     prepare_run,
+    process_age_s,
     write_environment,
 )
 from .summary import PAPER, build_summary, display_name
@@ -46,10 +48,13 @@ __all__ = [
 def start_run(out: str | Path, config: RunConfig, force: bool = False, progress: bool = False,
               loader=None) -> Run:
     """Preflight (skipped when a test injects a ``loader``), then create or reopen ``out`` for ``config``."""
+    t0 = time.perf_counter()
     check_paths(Path(out), config, force)
     if loader is None:
         preflight(Path(out), config, force)
-    return prepare_run(out, config, force=force, progress=progress, loader=loader)
+    run = prepare_run(out, config, force=force, progress=progress, loader=loader)
+    run.timing("preflight_s", time.perf_counter() - t0)
+    return run
 
 
 def run_stage(run: Run, name: str, force: bool = False) -> None:
@@ -65,10 +70,12 @@ def run_stage(run: Run, name: str, force: bool = False) -> None:
 
 
 def stage_score(run: Run, force: bool = False) -> dict:
+    t0 = time.perf_counter()
     check_completions(run, stage_samples(run))
     safety_status = stage_safety(run, force)
     cap_path = run.out / "capability.json"
     capability = read_json(cap_path, "run file") if cap_path.is_file() else {}
+    run.timing("score_s", time.perf_counter() - t0)  # before the summary, which lists the timings
     summary = build_summary(run, safety_status, capability)
     atomic_write_json(run.summary_path, summary)
     return summary
@@ -77,6 +84,7 @@ def stage_score(run: Run, force: bool = False) -> dict:
 def stage_report(run: Run) -> dict:
     from ..report import Summary, build_report
 
+    t0 = time.perf_counter()
     if not run.summary_path.is_file():
         raise UserError(f"{run.out} has no summary.json yet; run `refusal-direction score {run.out}` first")
     check_completions(run, stage_samples(run))
@@ -91,6 +99,7 @@ def stage_report(run: Run) -> dict:
                          candidates=tensors["candidates"], mean_harmful=tensors["mean_harmful"],
                          mean_harmless=tensors["mean_harmless"])
     record_figures(run)
+    run.timing("report_s", time.perf_counter() - t0)
     return paths
 
 
@@ -113,4 +122,7 @@ def replicate(run: Run, force: bool = False) -> dict:
     stage_capability(run, samples, direction, force)
     summary = stage_score(run, force)
     stage_report(run)
+    age = process_age_s()
+    if age is not None:  # the whole process so far: interpreter start-up, imports, preflight, stages, report
+        run.timing("process_s", age)
     return summary

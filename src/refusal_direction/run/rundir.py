@@ -7,8 +7,10 @@ loads the model lazily, once, and records the environment the first time it does
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,7 +24,7 @@ from ..fileio import atomic_write_json, read_json
 from .outdir import RUN_LOG, acquire_lock, check_out_dir, clear_outputs, config_mismatch, read_saved_config
 
 __all__ = ["RUN_LOG", "CONDITION_FILES", "Run", "clear_outputs", "config_mismatch", "prepare_run", "open_run",
-           "log_to_run_dir", "write_environment"]
+           "log_to_run_dir", "write_environment", "process_age_s"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # condition -> (dataset key, intervention name in file names)
@@ -88,10 +90,12 @@ class Run:
 
                 c = self.config
                 check_numerics(self.out, c.device, c.dtype)
+                t0 = time.perf_counter()
                 self._lm = load_model(c.model, device=c.device, dtype=c.dtype, revision=c.revision,
                                       chat_template=Path(c.chat_template).read_text() if c.chat_template else None,
                                       device_map=c.device_map, max_memory=c.max_memory,
                                       offload_folder=c.offload_folder)
+                self.timing("load_model_s", time.perf_counter() - t0)
             write_environment(self)
         return self._lm
 
@@ -114,6 +118,15 @@ class Run:
             raise UserError(f"{self.out} has no direction yet; run `refusal-direction replicate --out {self.out}` "
                             "first")
         return load_direction(self.direction_path, model_id=self.config.model)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (interpreter start-up and imports included); None where /proc is missing."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def prepare_run(out: str | Path, config: RunConfig, force: bool = False, progress: bool = False,

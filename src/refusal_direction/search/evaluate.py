@@ -19,12 +19,15 @@ same; the stacked and switched hook forms round differently).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from ..core.batching import run_batched
 from ..core.decoding import GenerationSettings
+from ..core.head import packed_head_input
 from ..core.model import LoadedModel
 from ..core.stacked import apply_interventions
 from ..evaluation.capability import position_ids
@@ -45,7 +48,8 @@ class TrialScore:
 def _last_logprobs(lm: LoadedModel, enc: dict) -> torch.Tensor:
     """log-softmax of the last position's logits, [batch, vocab] float64 (only that position is unembedded)."""
     mask = enc["attention_mask"]
-    out = lm.model(**enc, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
+    with packed_head_input(lm.model):  # the last position's rows, packed (core.head)
+        out = lm.model(**enc, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
     return torch.log_softmax(out.logits[:, -1].double(), dim=-1)
 
 
@@ -59,10 +63,12 @@ class TrialEvaluator:
     judge: object  # evaluation.judges.Judge
     settings: GenerationSettings
     backend: str = "auto"
-    max_rows: int = 512  # rows per KL forward pass
+    max_rows: int = 2048  # rows per KL forward pass (fewer on out-of-memory)
     _base: torch.Tensor | None = field(default=None, repr=False)  # [n_harmless, vocab]
     _enc: dict | None = field(default=None, repr=False)
     _verdicts: dict = field(default_factory=dict, repr=False)  # (prompt index, answer) -> the judge's verdict
+    # seconds in each part of `evaluate` (generation, judge, KL forward passes) and the texts judged, summed over calls
+    timings: dict = field(default_factory=lambda: {"generate_s": 0.0, "judge_s": 0.0, "kl_s": 0.0, "judged": 0})
 
     def _harmless_batch(self, copies: int) -> dict:
         if self._enc is None:
@@ -80,29 +86,34 @@ class TrialEvaluator:
         """Mean next-token KL per intervention, the trials' rows sharing forward passes."""
         n = len(self.harmless)
         base = self.baseline()  # [n, vocab]
-        per_pass = max(1, self.max_rows // max(n, 1))
-        out: list[float] = []
-        for start in range(0, len(interventions), per_pass):
-            chunk = list(interventions[start:start + per_pass])
+
+        def passes(chunk) -> list[float]:
             enc = self._harmless_batch(len(chunk))
             trial = torch.arange(len(chunk) * n, device=self.lm.device) // n
             switches = [(trial == j).to(self.lm.dtype) for j in range(len(chunk))]
             with apply_interventions(self.lm, chunk, switches):
                 other = _last_logprobs(self.lm, enc).view(len(chunk), n, -1)  # [K, n, vocab]
             kl = (base.exp() * (base - other)).sum(-1)  # [K, n]
-            out += kl.mean(-1).cpu().tolist()
-        return out
+            return kl.mean(-1).cpu().tolist()
+
+        # up to max_rows rows per pass; a pass that runs out of memory is retried with half as many trials
+        return run_batched(passes, list(interventions), max(1, self.max_rows // max(n, 1)), desc="optimize KL")
 
     def refusals(self, interventions: Sequence) -> list[tuple[int, int]]:
         """(refusals, prompts) per intervention, from one `generate_all` call."""
         from ..generation import generate_all
 
+        t0 = time.perf_counter()
         gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend)
+        t1 = time.perf_counter()
         new = {(i, g.text) for iv in interventions for i, g in enumerate(gens[iv.name])} - self._verdicts.keys()
         if new:  # each distinct (prompt, answer) is judged once per search: many trials give the same answers
             todo = sorted(new)
             verdicts = self.judge.judge([self.harmful[i] for i, _ in todo], [t for _, t in todo])
             self._verdicts.update(zip(todo, verdicts, strict=True))
+        self.timings["generate_s"] += t1 - t0
+        self.timings["judge_s"] += time.perf_counter() - t1
+        self.timings["judged"] += len(new)
         counts = []
         for iv in interventions:
             verdicts = [self._verdicts[(i, g.text)] for i, g in enumerate(gens[iv.name])]
@@ -114,7 +125,9 @@ class TrialEvaluator:
         if len(set(names)) != len(names):
             raise ValueError(f"interventions sharing a batch need unique names, got {names}")
         counts = self.refusals(interventions)
-        kls = self.kl(interventions)
+        t0 = time.perf_counter()
+        kls = self.kl(interventions)  # ends in .tolist(): the device's work is done when it returns
+        self.timings["kl_s"] += time.perf_counter() - t0
         return [TrialScore(k / n if n else float("nan"), kl, k, n) for (k, n), kl in zip(counts, kls, strict=True)]
 
 
