@@ -136,6 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    from refusal_direction.bench import model_arg_problem
+
+    if model_arg_problem(args.model):
+        print(model_arg_problem(args.model), file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():

@@ -4,14 +4,10 @@ fast path gives the same tokens as on SDPA for a grouped-query and a multi-head 
 (CI installs it for this; the CUDA behaviour is covered by tests/gpu/test_decode_attention_cuda.py)."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.interpret import run_interpreted
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton,
               pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")]
@@ -19,12 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton,
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.decode_kernel_check"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted("tests.helpers.decode_kernel_check")
 
 
 def test_probe_check_accepts_the_kernel_and_rejects_a_wrong_one(measured):

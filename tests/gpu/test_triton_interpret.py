@@ -4,14 +4,10 @@ with Triton's interpreter in float32 against the PyTorch chains and HF's forward
 then covered by tests/gpu/test_fast_forward_cuda.py and by the run-time verification on probes)."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.paths import REPO
+from tests.helpers.interpret import run_interpreted
 
 # CPU only (the interpreter): the gpu tier's CUDA skip does not apply to tests marked triton
 pytestmark = [pytest.mark.slow, pytest.mark.triton,
@@ -20,13 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton,
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    # run as a module of the tests package, from the repository root (src/ too, for a checkout not installed)
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.triton_interpret_check"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return run_interpreted("tests.helpers.triton_interpret_check")
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama", "qwen2"])

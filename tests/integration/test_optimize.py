@@ -73,6 +73,11 @@ def test_optimize_cli_writes_front_final_and_verified_export(optimized):
     assert final["rows"][0]["refusal"]["n"] == 3 and final["rows"][0]["over_refusal"]["n"] == 2
     assert summary["export"]["verify"]["ok"], summary["export"]["verify"]
     assert (d / "export" / "config.json").is_file()
+    text = cli("verify-export", "--run", out, "--model-dir", d / "export", "--method", "optimize", "--n-prompts", "2",
+               "--max-new-tokens", "4").stdout  # the CLI re-verifies the chosen trial's export
+    assert "OK" in text and "over 4 tokens x 2 prompts" in text
+    r = cli("verify-export", "--run", out, "--model-dir", d / "export", "--method", "ace", check=False)
+    assert r.returncode == 2 and "pass --method" in r.stderr
     assert final["records"]["dim"]["jailbreakbench"][0]["completion"] is not None  # completions: final.json only
     assert summary["final"]["rows"] == final["rows"] and summary["final"]["records"] == "final.json"
     assert '"completion"' not in (d / "summary.json").read_text()
@@ -262,6 +267,18 @@ def test_choice_rule():
     assert choose(front, 0.0).number == 0
     assert choose([_T(3, 0.2, 0.3), _T(4, 0.1, 0.4)], 0.03).number == 4
     assert choose([], 0.03) is None
+
+
+def test_lora_without_peft_is_refused_before_the_search(monkeypatch):
+    import importlib.util
+
+    from refusal_direction.run.optimize import OptimizeSettings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(UserError, match=r"--lora True: needs peft.*refusal-direction\[lora\]"):
+        OptimizeSettings(lora=True)
+    OptimizeSettings(lora=False)  # no LoRA, no peft needed
 
 
 def test_missing_optuna_names_the_install_command(monkeypatch):

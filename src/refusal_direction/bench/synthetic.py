@@ -151,6 +151,16 @@ def as_id_model(lm: LoadedModel) -> LoadedModel:
     return out
 
 
+def model_arg_problem(model: str) -> str | None:
+    """Why ``model`` is no bench model (a name in `SHAPES`, or an existing directory or .gguf file), or None."""
+    from pathlib import Path
+
+    if model in SHAPES or Path(model).expanduser().exists():
+        return None
+    return (f"--model {model}: neither a bench shape ({', '.join(SHAPES)}) nor an existing model directory or .gguf "
+            "file; pass one of those")
+
+
 def bench_model(model: str | LoadedModel = "tiny", device: str = "auto", dtype: str = "auto",
                 seed: int = 0) -> LoadedModel:
     """A name in `SHAPES` (random weights), a local model directory or .gguf, or a LoadedModel."""

@@ -56,7 +56,8 @@ def verify_export_cmd(
     tol: float | None = typer.Option(None, help="max |dlogit| allowed [1e-4 in float32, 0.5 otherwise]"),
     device: str | None = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
-    method: str = typer.Option("dim", help="the method the export was made with (`export --method`)"),
+    method: str = typer.Option("dim", help="the method the export was made with (`export --method`), or optimize "
+                                           "(RUN/optimize/export: the chosen trial's edit)"),
 ) -> None:
     """Compare the hooked original with the exported model: logits, greedy tokens, residual projection."""
     from ..export import check_same_direction, default_tol, load_exported, verify_export
@@ -70,7 +71,9 @@ def verify_export_cmd(
     exported = load_exported(model_dir, device=lm.device, dtype=lm.dtype)
     tol = tol if tol is not None else default_tol(lm.dtype)
     prompts = [i.text for i in samples.eval[:n_prompts]]
-    if method != "dim":
+    if method == "optimize":
+        result = _verify_optimize(run, samples, model_dir, exported, prompts, max_new_tokens, tol)
+    elif method != "dim":
         result = _verify_method(run, model_dir, method, exported, prompts, max_new_tokens, tol)
     else:
         check_same_direction(model_dir, direction, run_dir)
@@ -79,8 +82,9 @@ def verify_export_cmd(
         print(json.dumps(result, indent=2))
     else:
         print(f"max |dlogit|            {result['max_abs_logit_diff']:.3g} (tolerance {tol:g})")
+        same = f" ({result['n_identical']} identical)" if "n_identical" in result else ""
         print(f"greedy agreement        {result['agreement']:.4f} over {max_new_tokens} tokens x "
-              f"{n_prompts} prompts ({result['n_identical']} identical)")
+              f"{len(prompts)} prompts{same}")
         if "max_abs_projection" in result:
             print(f"max |projection on r|   {result['max_abs_projection']:.3g}")
         print("OK" if result["ok"] else "MISMATCH")
@@ -99,6 +103,23 @@ def _verify_method(run, model_dir: Path, method: str, exported, prompts, max_new
         raise UserError(f"{model_dir} was exported with method {made_with!r}, not {method!r}; "
                         f"pass --method {made_with}")
     return verify_method_export(run.lm, exported, method_intervention(run, method), prompts, max_new_tokens, tol)
+
+
+def _verify_optimize(run, samples, model_dir: Path, exported, prompts, max_new_tokens: int, tol: float) -> dict:
+    """`verify-export --method optimize`: the trial recorded in the export, rebuilt from the run's candidates."""
+    from ..export import read_export_info
+    from ..export.method_export import verify_method_export
+    from ..run import pipeline
+    from ..search import build_intervention
+
+    trial = read_export_info(model_dir).get("run", {}).get("optimize_trial")
+    if not trial or "params" not in trial:
+        raise UserError(f"{model_dir} records no optimize trial (no run.optimize_trial in its provenance JSON); it was "
+                        "not written by `refusal-direction optimize`: pass the --method it was exported with")
+    candidates = pipeline.stage_extract(run, samples)
+    iv = build_intervention(run.lm, candidates, trial["params"], f"trial{trial['number']}",
+                            run.config.prune_layer_fraction)
+    return verify_method_export(run.lm, exported, iv, prompts, max_new_tokens, tol)
 
 
 @app.command("fetch-model")

@@ -85,7 +85,10 @@ def lora_factors(source: nn.Module, edited: nn.Module, rtol: float = 1e-4) -> di
 def _low_rank(name: str, mat: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(U S [m, r], V [n, r]) of ``mat`` at its numerical rank r ≤ MAX_RANK, checked to reconstruct it."""
     q = min(MAX_RANK + 2, *mat.shape)
-    u, s, v = torch.svd_lowrank(mat, q=q, niter=4)
+    devices = [mat.device] if mat.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # its random sketch: seeded, and the caller's RNG state untouched
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(mat, q=q, niter=4)
     keep = int((s > s[0] * 1e-5).sum()) if s[0] > 0 else 0
     u, s, v = u[:, :keep], s[:keep], v[:, :keep]
     err = float((mat - (u * s) @ v.T).norm() / mat.norm())

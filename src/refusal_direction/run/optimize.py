@@ -19,6 +19,7 @@ direction (subspace form, k = 1), so the front is seen beside it. The choice rul
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -61,7 +62,9 @@ class OptimizeSettings:
             ("search_tokens", self.search_tokens, self.search_tokens >= 1, "use at least 1"),
             ("n_xstest", self.n_xstest, self.n_xstest >= 0, "use 0 (skip) or more"),
             ("max_kl_rows", self.max_kl_rows, self.max_kl_rows >= 1, "use at least 1"),
-            ("lora", self.lora, self.export or not self.lora, "needs the export (drop --no-export)")) if not ok]
+            ("lora", self.lora, self.export or not self.lora, "needs the export (drop --no-export)"),
+            ("lora", self.lora, not self.lora or importlib.util.find_spec("peft") is not None,
+             "needs peft, which is not installed: pip install 'refusal-direction[lora]'")) if not ok]
         if problems:
             raise UserError("; ".join(problems))
 
