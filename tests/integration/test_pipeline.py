@@ -90,10 +90,21 @@ def test_replicate_writes_every_artifact(tiny_run):
     assert env["post_instruction_tokens"] == ["<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
     assert env["dtype"] == "float32"
     timings = json.loads((tiny_run / "timings.json").read_text())
-    stages = ("preflight_s", "load_model_s", "extract_s", "generate_s", "capability_s", "score_s",
-              "report_s")
+    stages = ("preflight_s", "load_model_s", "extract_s", "generate_s", "capability_s", "score_s", "report_s")
     assert all(timings[k] >= 0 for k in stages), timings
-    # the process's whole time: start-up (interpreter + imports) first, then at least every stage timed
+    # in-process (CliRunner inside pytest): the host process's age says nothing about the run, so it is not recorded
+    assert "startup_s" not in timings and "process_s" not in timings
+
+
+def test_the_command_line_process_records_its_whole_time(tiny_model_dir, data_dir, tmp_path):
+    """``python -m refusal_direction replicate`` records its start-up (interpreter + imports) and its whole time,
+    which covers every stage it ran."""
+    from tests.helpers.cli import run_cli
+
+    out = tmp_path / "run"
+    run_cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", out, *TINY_ARGS, "--no-safety")
+    timings = json.loads((out / "timings.json").read_text())
+    stages = ("preflight_s", "load_model_s", "extract_s", "generate_s", "capability_s", "score_s", "report_s")
     assert 0 < timings["startup_s"] < timings["process_s"]
     assert timings["process_s"] >= timings["startup_s"] + sum(timings[k] for k in stages) - 0.05
 

@@ -73,3 +73,17 @@ def test_full_rank_and_bias_changing_edits_are_refused():
         lora_factors(gpt2.model, edited)
     with pytest.raises(LoraUnsupported, match="no weight"):
         lora_factors(lm.model, copy.deepcopy(lm.model))
+
+
+def test_a_bfloat16_export_gets_the_reason_instead_of_an_adapter():
+    """The factors come from a float32 export; a bf16 one (no float32 copy fitted) would be rounding noise."""
+    from types import SimpleNamespace
+
+    from refusal_direction.run.optimize_final import _lora_factors
+
+    got = _lora_factors(SimpleNamespace(dtype=torch.bfloat16, model=None), None)
+    assert set(got) == {"skipped"} and "bfloat16" in got["skipped"] and "merged export" in got["skipped"]
+    lm = tiny_family_lm("gemma-untied")
+    edited = copy.deepcopy(lm.model)
+    method_weights_(edited, DirectionalAblation(torch.randn(lm.d_model, dtype=torch.float64)))
+    assert set(_lora_factors(lm, edited)) == {"factors"}

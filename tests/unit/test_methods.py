@@ -178,7 +178,10 @@ def test_norm_preserving_hook_scales_are_the_float64_ratio_and_follow_weight_cha
             torch.testing.assert_close(e.scale.double(), exact(e.module), rtol=1e-6, atol=0)
     module = norm_preserving_ablation(lm, r).writers[0].module
     with torch.no_grad():
-        module.weight.mul_(2.0).add_(0.01)
+        module.weight.mul_(2.0).add_(0.01)  # in place: the version moves
+    torch.testing.assert_close(norm_preserving_ablation(lm, r).writers[0].scale.double(), exact(module), rtol=1e-6,
+                               atol=0)
+    module.weight.data = module.weight.data * 3 - 0.02  # new storage under the same Parameter: the version does not
     torch.testing.assert_close(norm_preserving_ablation(lm, r).writers[0].scale.double(), exact(module), rtol=1e-6,
                                atol=0)
 

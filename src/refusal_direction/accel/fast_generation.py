@@ -191,6 +191,8 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
 
     def step(chunk):
         rows = [(p, c) for c in range(n_cond) for p, conds in chunk if c in conds]
+        if not rows:  # only units of a set without interventions
+            return [{} for _ in chunk]
         out, st = generate_chunk(lm, rows, interventions, max_new_tokens, stop, force_tokens, mode, progress,
                                  sdpa_backends, fuse)
         stats.append(st)

@@ -83,6 +83,9 @@ def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=N
     if imported is not None:
         run.timing("startup_s", imported)
     summary = pipeline.replicate(run, force=force)
+    age = process_age_s()
+    if age is not None:  # this process's whole time: start-up, preflight, the stages it ran (or skipped), report
+        run.timing("process_s", age)
     if json_out:
         print(json.dumps(summary, indent=2))
     else:

@@ -193,35 +193,37 @@ def _written(module) -> torch.Tensor:
 
 
 def _squared_norms(module) -> torch.Tensor:
-    """‖v‖² of each written vector of ``module`` [in], float64, computed once per module (per weight version)."""
+    """‖v‖² of each written vector of ``module`` [in], float64, computed once per module and weight (its storage,
+    device, dtype and version: a move, a cast, an in-place edit or a new tensor computes them again)."""
     w = module.weight
+    key = (w.data_ptr(), w.device, w.dtype, tuple(w.shape), w._version)
     hit = _NORMS.get(module)
-    if hit is None or hit[0] is not w or hit[1] != w._version:
+    if hit is None or hit[0] != key:
         v = _written(module).to(torch.float64)
-        hit = _NORMS[module] = (w, w._version, (v * v).sum(-1))
-    return hit[2]
+        hit = _NORMS[module] = (key, (v * v).sum(-1))
+    return hit[1]
 
 
 def norm_preserving_ablation(lm: LoadedModel, direction: torch.Tensor, name: str = "norm_preserving"
                              ) -> NormPreservingAblation:
     """The hook form of `norm_preserving_weights_` on ``lm`` (its writers' input scales and bias shifts).
 
-    scale = ‖v‖ / ‖(I − P) v‖ = ‖v‖ / √(‖v‖² − (v·r̂)²) per written vector, with ‖v‖² cached per writer in
-    float64 and v·r̂ from one float32 product per writer (a search builds this for many trials; the weight
-    form computes (I − P) v itself in float64, and the two agree to ~1e-7 relative)."""
+    scale = ‖v‖ / ‖(I − P) v‖ = ‖v‖ / √(‖v‖² − (v·r̂)²) per written vector, with ‖v‖² cached per writer and v·r̂
+    from one product per writer, both in float64 (a search builds this for many trials; the weight form computes
+    (I − P) v itself, and the two agree to float64 rounding unless a vector is almost parallel to r̂)."""
     r_cpu = _unit(direction)
     writers = _writers_of(lm)
-    r_on: dict[str, torch.Tensor] = {}  # r̂ in float32 on each weight's device, copied there once
+    r_on: dict[str, torch.Tensor] = {}  # r̂ in float64 on each weight's device, copied there once
     dots = []
     for module in writers:
         key = str(module.weight.device)
         if key not in r_on:
-            r_on[key] = r_cpu.to(device=module.weight.device, dtype=torch.float32)
-        dots.append(_written(module).float() @ r_on[key])
+            r_on[key] = r_cpu.to(device=module.weight.device, dtype=torch.float64)
+        dots.append(_written(module).to(torch.float64) @ r_on[key])
     scales: list[torch.Tensor | None] = [None] * len(writers)
     for key in r_on:  # the scale arithmetic once per device, over every writer's vectors together
         idx = [i for i, m in enumerate(writers) if str(m.weight.device) == key]
-        dot = torch.cat([dots[i] for i in idx]).double()
+        dot = torch.cat([dots[i] for i in idx])
         nsq = torch.cat([_squared_norms(writers[i]) for i in idx])
         removed = nsq - dot * dot  # ‖(I − P) v‖², exactly 0 for a vector parallel to r̂ (up to rounding)
         scale = torch.where(removed > 1e-12 * nsq, (nsq / removed.clamp(min=1e-300)).sqrt(), 1.0).float()

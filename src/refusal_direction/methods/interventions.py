@@ -275,10 +275,11 @@ class NormPreservingAblation:
             scale = torch.cat([ones, scales])[w_dev]
             shift = None
             if any(g.writers[j].bias_delta is not None for g in group):
-                deltas = [torch.zeros(lm.d_model) if g.writers[j].bias_delta is None else g.writers[j].bias_delta.cpu()
+                zero = torch.zeros(lm.d_model, device=device, dtype=dt)
+                deltas = [zero if g.writers[j].bias_delta is None else g.writers[j].bias_delta.to(device=device,
+                                                                                                 dtype=dt)
                           for g in group]
-                shift = torch.cat([torch.zeros(1, lm.d_model), torch.stack(deltas).float()]).to(device=device,
-                                                                                               dtype=dt)[w_dev]
+                shift = torch.cat([zero[None], torch.stack(deltas)])[w_dev]  # on the device: no host sync
 
             def pre(module, args, kwargs, scale=scale):
                 a = args[0]

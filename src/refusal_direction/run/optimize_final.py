@@ -122,30 +122,50 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path, lora: bo
              out, verify["max_abs_logit_diff"], verify["agreement"], verify["ok"])
     record = {"trial": chosen["number"], "dir": str(out), "verify": verify}
     if lora:
-        record["lora"] = _export_lora(src, exported, iv, prompts, d / "lora", tol, run.config.model)
-    del exported, src
+        factors = _lora_factors(src, exported)
+        del exported  # before the verification's copy of the source: one float32 copy more, not two
+        record["lora"] = factors if "skipped" in factors else _export_lora(src, factors["factors"], iv, prompts,
+                                                                            d / "lora", tol, c.model)
+    else:
+        del exported
+    del src
     atomic_write_json(record_path, record)
     return record
 
 
-def _export_lora(src, exported, iv, prompts, out: Path, tol: float, base_name: str) -> dict:
-    """The adapter of what the merged export changed, verified against the hooks; {"skipped": why} when the edit
-    has no exact LoRA form."""
+def _lora_factors(src, exported) -> dict:
+    """{"factors": ...} of what the merged export changed, or {"skipped": why} when there is no exact LoRA form."""
+    import torch
+
+    from ..export.lora import LoraUnsupported, lora_factors
+
+    if src.dtype != torch.float32:
+        dtype = str(src.dtype).removeprefix("torch.")
+        why = (f"the export is {dtype} (a float32 copy of the model did not fit, or the model is dispatched over "
+               "devices): its weight change carries that dtype's rounding, which is not low-rank; the LoRA factors "
+               "are taken from a float32 export; use the merged export")
+        log.warning("optimize: no LoRA adapter: %s", why)
+        return {"skipped": why}
+    try:
+        return {"factors": lora_factors(src.model, exported)}
+    except LoraUnsupported as exc:
+        log.warning("optimize: no LoRA adapter: %s", exc)
+        return {"skipped": str(exc)}
+
+
+def _export_lora(src, factors: dict, iv, prompts, out: Path, tol: float, base_name: str) -> dict:
+    """Write the adapter of ``factors`` and verify it against the hooks (peft loads it onto a copy of the source)."""
     import shutil
 
-    from ..export.lora import LoraUnsupported, load_lora, lora_factors, save_lora
+    from ..export.lora import load_lora, save_lora
     from ..export.method_export import verify_method_export
 
-    try:
-        factors = lora_factors(src.model, exported)
-    except LoraUnsupported as exc:
-        log.warning("optimize: no LoRA adapter for %s: %s", iv.name, exc)
-        return {"skipped": str(exc)}
     if out.exists():
         shutil.rmtree(out)
     info = save_lora(src.model, factors, out, base_name=base_name)
     adapted = load_lora(src.model, out)
     info["verify"] = verify_method_export(src, adapted, iv, prompts, max_new_tokens=16, tol=tol)
+    del adapted
     log.info("optimize: LoRA adapter (rank %d) in %s; verify: max |dlogit| %.3g, agreement %.3f, ok=%s", info["rank"],
              out, info["verify"]["max_abs_logit_diff"], info["verify"]["agreement"], info["verify"]["ok"])
     return info

@@ -31,7 +31,6 @@ from .rundir import (
     log_to_run_dir,
     open_run,
     prepare_run,
-    process_age_s,
     write_environment,
 )
 from .summary import PAPER, build_summary, display_name
@@ -122,7 +121,4 @@ def replicate(run: Run, force: bool = False) -> dict:
     stage_capability(run, samples, direction, force)
     summary = stage_score(run, force)
     stage_report(run)
-    age = process_age_s()
-    if age is not None:  # the whole process so far: interpreter start-up, imports, preflight, stages, report
-        run.timing("process_s", age)
     return summary

@@ -121,9 +121,20 @@ class Run:
 
 
 def process_age_s() -> float | None:
-    """Seconds since this process started (interpreter start-up and imports included); None where /proc is missing."""
+    """Seconds since this process started (interpreter start-up and imports included) when the process is the
+    command line tool (``refusal-direction`` or ``python -m refusal_direction``); None inside another program (a
+    notebook, a test runner: its age says nothing about the run) or where /proc is missing."""
+    import sys
+
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if not ((spec is not None and spec.name.startswith("refusal_direction"))
+            or Path(sys.argv[0]).name == "refusal-direction"):
+        return None
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
         return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
         return None

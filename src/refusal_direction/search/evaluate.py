@@ -96,8 +96,10 @@ class TrialEvaluator:
             kl = (base.exp() * (base - other)).sum(-1)  # [K, n]
             return kl.mean(-1).cpu().tolist()
 
-        # up to max_rows rows per pass; a pass that runs out of memory is retried with half as many trials
-        return run_batched(passes, list(interventions), max(1, self.max_rows // max(n, 1)), desc="optimize KL")
+        # up to max_rows rows per pass; a pass that runs out of memory is retried with half as many trials, and the
+        # smaller size is kept for the later calls of this search
+        return run_batched(passes, list(interventions), max(1, self.max_rows // max(n, 1)), desc="optimize KL",
+                           on_batch_size=lambda trials: setattr(self, "max_rows", trials * max(n, 1)))
 
     def refusals(self, interventions: Sequence) -> list[tuple[int, int]]:
         """(refusals, prompts) per intervention, from one `generate_all` call."""
