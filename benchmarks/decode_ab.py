@@ -64,16 +64,14 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from refusal_direction.bench import model_arg_problem
+    from refusal_direction.bench import gpu_script_problem
 
-    if model_arg_problem(args.model):
-        print(model_arg_problem(args.model), file=sys.stderr)
+    problem = gpu_script_problem(args.model, "decode_ab.py")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("decode_ab.py needs a CUDA device", file=sys.stderr)
-        return 2
     from refusal_direction.accel import generate_fast_ids, prompt_ids
     from refusal_direction.bench import (
         SHAPES,

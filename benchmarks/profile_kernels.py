@@ -136,15 +136,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-prompts", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from refusal_direction.bench import model_arg_problem
+    from refusal_direction.bench import gpu_script_problem
 
-    if model_arg_problem(args.model):
-        print(model_arg_problem(args.model), file=sys.stderr)
-        return 2
-    import torch
-
-    if not torch.cuda.is_available():
-        print("profile_kernels.py needs a CUDA device (torch.profiler's CUDA kernel times)", file=sys.stderr)
+    problem = gpu_script_problem(args.model, "profile_kernels.py (torch.profiler's CUDA kernel times)")
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     from refusal_direction.bench import SHAPES, bench_model, random_model
 

@@ -106,8 +106,8 @@ def generate_fast_sets(
         if len(set(names)) != len(names):
             raise ValueError(f"intervention names must be unique within a set, got {names}")
         for iv in ivs:
-            index.setdefault(id(iv), len(conditions))
-            if len(conditions) < len(index):
+            if id(iv) not in index:
+                index[id(iv)] = len(conditions)
                 conditions.append(iv)
     _unique_names(conditions)
     eos = stop_ids(lm, settings)
@@ -125,9 +125,9 @@ def generate_fast_sets(
     for instructions, ivs in sets:
         per_unit = result[start:start + len(instructions)]
         start += len(instructions)
-        out.append({iv.name: [Generated(lm.tokenizer.decode(u[index[id(iv)]][0], skip_special_tokens=True),
-                                        u[index[id(iv)]][0], u[index[id(iv)]][1]) for u in per_unit]
-                    for iv in ivs})
+        rows = {iv.name: [u[index[id(iv)]] for u in per_unit] for iv in ivs}  # (ids, stopped) per prompt
+        out.append({name: [Generated(lm.tokenizer.decode(ids, skip_special_tokens=True), ids, stopped)
+                           for ids, stopped in got] for name, got in rows.items()})
     return out
 
 

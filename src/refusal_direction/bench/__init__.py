@@ -40,8 +40,8 @@ from .synthetic import (
     Shape,
     as_id_model,
     bench_model,
+    gpu_script_problem,
     id_model,
-    model_arg_problem,
     random_model,
     synthetic_instructions,
 )
@@ -49,8 +49,8 @@ from .timing import generation_floor, measure_ceilings, median_seconds, selectio
 
 __all__ = ["INSTRUCTION_TOKENS", "SHAPES", "IdTokenizer", "Shape", "agreement", "as_id_model", "bench_conditions",
            "bench_main", "bench_model", "describe_environment", "describe_workload", "fast_generate", "fast_variants",
-           "format_report", "generation_floor", "id_model", "measure_ceilings", "median_seconds", "model_arg_problem",
-           "no_stop_tokens",
+           "format_report", "generation_floor", "gpu_script_problem", "id_model", "measure_ceilings",
+           "median_seconds", "no_stop_tokens",
            "paper_generate", "prompt_ids", "random_model", "run_benchmark", "selection_floor", "sweep_inputs",
            "sync", "synthetic_instructions", "time_activations", "time_fast", "time_paper", "time_selection",
            "token_digests"]

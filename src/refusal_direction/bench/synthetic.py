@@ -151,14 +151,17 @@ def as_id_model(lm: LoadedModel) -> LoadedModel:
     return out
 
 
-def model_arg_problem(model: str) -> str | None:
-    """Why ``model`` is no bench model (a name in `SHAPES`, or an existing directory or .gguf file), or None."""
+def gpu_script_problem(model: str, script: str) -> str | None:
+    """Why a GPU benchmark script cannot run with ``--model model`` here (no such shape or model path, or no CUDA
+    device), or None: the one line it prints before exiting with 2."""
     from pathlib import Path
 
-    if model in SHAPES or Path(model).expanduser().exists():
-        return None
-    return (f"--model {model}: neither a bench shape ({', '.join(SHAPES)}) nor an existing model directory or .gguf "
-            "file; pass one of those")
+    if model not in SHAPES and not Path(model).expanduser().exists():
+        return (f"--model {model}: neither a bench shape ({', '.join(SHAPES)}) nor an existing model directory or "
+                ".gguf file; pass one of those")
+    if not torch.cuda.is_available():
+        return f"{script} needs a CUDA device"
+    return None
 
 
 def bench_model(model: str | LoadedModel = "tiny", device: str = "auto", dtype: str = "auto",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 from functools import lru_cache
 from importlib import resources
@@ -124,8 +123,8 @@ class _Block:
         return out
 
     def scores(self, texts: Sequence[str], coef: np.ndarray) -> np.ndarray:
-        """``[n]``: each text's L2-normalised sublinear TF-IDF row dotted with ``coef`` (this block's columns), for
-        all texts at once: the same numbers as `row` (summed in another order: equal to ~1e-15)."""
+        """``[n]``: each text's L2-normalised sublinear TF-IDF row (step 3 of the module docstring) dotted with
+        ``coef`` (this block's columns), for all texts at once."""
         cols = [self.columns(t) for t in texts]
         lengths = np.fromiter(map(len, cols), dtype=np.int64, count=len(texts))
         flat = np.fromiter(itertools.chain.from_iterable(cols), dtype=np.int64, count=int(lengths.sum()))
@@ -136,15 +135,6 @@ class _Block:
         norm = np.sqrt(np.bincount(text_of, weights=vals * vals, minlength=len(texts)))
         dot = np.bincount(text_of, weights=vals * coef[col], minlength=len(texts))
         return np.divide(dot, norm, out=np.zeros(len(texts)), where=norm > 0)
-
-    def row(self, text: str) -> dict[int, float]:
-        """Column -> L2-normalised sublinear TF-IDF value (block-local columns)."""
-        counts: dict[int, int] = {}
-        for j in self.columns(text):
-            counts[j] = counts.get(j, 0) + 1
-        vals = {j: (1.0 + math.log(k)) * self.idf[j] for j, k in counts.items()}
-        norm = math.sqrt(sum(v * v for v in vals.values()))
-        return {j: v / norm for j, v in vals.items()} if norm > 0 else {}
 
 
 def _blocks_of(params: dict) -> list[dict]:
