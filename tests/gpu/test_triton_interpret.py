@@ -32,3 +32,16 @@ def test_decoder_on_triton_kernels_equals_hf_forward_with_hooks(measured, arch):
     m = measured[arch]
     assert m["logits"] < 1e-4 * m["scale"], m
     assert m["interventions_move"] > 1e-2, m  # the interventions matter, so the equality is not vacuous
+
+
+@pytest.fixture(scope="module")
+def own_step_measured() -> dict:
+    return run_interpreted("tests.helpers.own_step_interpret_check")
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama", "qwen2"])
+def test_own_decode_step_on_triton_kernels_equals_hf_step(own_step_measured, arch):
+    m = own_step_measured[arch]
+    assert m["tokens_equal"] and m["tokens"] == 108, m
+    assert m["logits"] < 1e-5 * m["scale"] + 1e-6, m  # float32: summation order only
+    assert m["kernel_calls"] == 15 and m["ablation_moves"], m  # 5 decode steps x 3 blocks on the attention kernel

@@ -72,12 +72,17 @@ def kernel_diffs(lm, dec) -> dict:
     return out
 
 
-def decoder_diff(lm, dec, act: int) -> dict:
-    """Last-position logits with every Triton kernel in use against HF's forward with selection's hooks."""
+def triton_kernels(lm, dec, act: int) -> Kernels:
+    """Every Triton kernel of the sweep forward in use for ``dec`` (what `Kernels.build` picks on a GPU)."""
     k = Kernels(shape=(dec.n_heads, dec.n_kv, dec.head_dim), tk=tk, triton_act=act, triton_rotary=True)
     norms = [m for b in dec.blocks for m in (b.input_norm, b.mid_norm)] + [lm.final_norm]
     k.triton_residual = {id(m): (FORMS[fused_form(m)[0]], m.weight.detach().contiguous(), norm_eps(m)) for m in norms}
-    dec.kernels = k
+    return k
+
+
+def decoder_diff(lm, dec, act: int) -> dict:
+    """Last-position logits with every Triton kernel in use against HF's forward with selection's hooks."""
+    dec.kernels = triton_kernels(lm, dec, act)
     seqs = prompt_ids(lm)
     dirs, adds, layers = row_interventions(lm, len(seqs))
     with torch.no_grad():

@@ -44,13 +44,13 @@ from ..core.decoding import Generated, GenerationSettings, generate_hf, stop_ids
 from ..core.interventions import Intervention
 from ..core.model import LoadedModel
 from .folded_attention import FOLDED_SDPA, folded_gqa_attention, folded_sdpa_attention
+from .own_step import STEPS
 from .static_decode import CHECK_EVERY, WARMUP_STEPS, FastPathUnsupported, FastStats, generate_chunk
 
-__all__ = ["CHECK_EVERY", "DECODE_MODES", "FOLDED_SDPA", "SDPA_BACKENDS", "WARMUP_STEPS", "FastPathUnsupported",
-           "FastResult", "FastStats", "check_supported", "folded_gqa_attention", "folded_sdpa_attention",
-           "generate_fast", "generate_fast_ids", "generate_fast_sets", "kv_bytes_per_token", "prompt_ids",
-           "prompts_per_chunk",
-           "resolve_decode"]
+__all__ = ["CHECK_EVERY", "DECODE_MODES", "FOLDED_SDPA", "SDPA_BACKENDS", "STEPS", "WARMUP_STEPS",
+           "FastPathUnsupported", "FastResult", "FastStats", "check_supported", "folded_gqa_attention",
+           "folded_sdpa_attention", "generate_fast", "generate_fast_ids", "generate_fast_sets", "kv_bytes_per_token",
+           "prompt_ids", "prompts_per_chunk", "resolve_decode"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ def generate_fast(
     memory) splits it. Options (`generate_fast_ids`): ``force_tokens`` ignores stop tokens and decodes exactly
     ``max_new_tokens``; ``fuse``: on CUDA, run RMSNorms and the rotary embedding with fewer kernels wherever
     that is verified to reproduce them (`fusion.fused_kernels`), and bfloat16/float16 decode attention on
-    `decode_attention`; ``decode``, ``max_rows``, ``sdpa_backends``.
+    `decode_attention`; ``step``: "hf" (HF's forward with hooks, the default) or "own" (`own_step.OwnStep`:
+    the sweep forward's fused pieces on the static cache, for standard pre-norm decoders under baseline,
+    ablation and activation addition); ``decode``, ``max_rows``, ``sdpa_backends``.
     """
     return generate_fast_sets(lm, [(instructions, interventions)], settings, progress, **options)[0]
 
@@ -157,7 +159,7 @@ def generate_fast_ids(
 ) -> FastResult:
     """The fast path on token ids (no tokenizer needed), every prompt under every intervention. Raises
     `FastPathUnsupported` for unsupported models. Options: ``force_tokens``, ``decode``, ``max_rows``,
-    ``progress``, ``sdpa_backends``, ``fuse`` (see `generate_fast`)."""
+    ``progress``, ``sdpa_backends``, ``fuse``, ``step`` (see `generate_fast`)."""
     _unique_names(interventions)
     every = tuple(range(len(interventions)))
     per_unit, stats = _generate_units(lm, [(list(p), every) for p in prompts], interventions, max_new_tokens,
@@ -172,7 +174,7 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
                     interventions: Sequence[Intervention], max_new_tokens: int, stop: Sequence[int], *,
                     force_tokens: bool = False, decode: str = "auto", max_rows: int | None = None,
                     progress: bool = False, sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
-                    fuse: bool = True) -> tuple[list[dict[int, tuple[list[int], bool]]], FastStats]:
+                    fuse: bool = True, step: str = "hf") -> tuple[list[dict[int, tuple[list[int], bool]]], FastStats]:
     """Per unit (prompt ids, the conditions it is decoded under): {condition: (new ids, stopped)}, and the stats. A
     batch's rows are condition-major: every unit of the batch under condition 0, then 1, ... (row c·n + i for one
     set)."""
@@ -181,6 +183,8 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
     if any(len(p) == 0 for p, _ in units):
         raise ValueError("every prompt needs at least one token")
     check_supported(lm)
+    if step not in STEPS:
+        raise ValueError(f"step={step!r}: use one of {', '.join(STEPS)}")
     mode = resolve_decode(decode, lm.device)
     n_cond = len(interventions)
     if not units or not n_cond:
@@ -189,12 +193,12 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
     per_chunk = prompts_per_chunk(lm, len(units), max(len(c) for _, c in units), longest + max_new_tokens, max_rows)
     stats: list[FastStats] = []
 
-    def step(chunk):
+    def run_chunk(chunk):
         rows = [(p, c) for c in range(n_cond) for p, conds in chunk if c in conds]
         if not rows:  # only units of a set without interventions
             return [{} for _ in chunk]
         out, st = generate_chunk(lm, rows, interventions, max_new_tokens, stop, force_tokens, mode, progress,
-                                 sdpa_backends, fuse)
+                                 sdpa_backends, fuse, step)
         stats.append(st)
         it = iter(out)
         per = [{} for _ in chunk]
@@ -204,7 +208,7 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
                     per[i][c] = next(it)
         return per
 
-    per_unit = run_batched(step, list(units), per_chunk, desc="generate [fast]")
+    per_unit = run_batched(run_chunk, list(units), per_chunk, desc="generate [fast]")
     total = FastStats(rows=max(s.rows for s in stats), chunks=len(stats), prompt_len=max(s.prompt_len for s in stats),
                       steps=max(s.steps for s in stats), prefill_s=sum(s.prefill_s for s in stats),
                       capture_s=sum(s.capture_s for s in stats), decode_s=sum(s.decode_s for s in stats),

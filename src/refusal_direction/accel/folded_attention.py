@@ -66,7 +66,7 @@ def folded_gqa_attention(model: torch.nn.Module, decode_kernel: bool = False,
     (the reason it is not used, or that it is, goes to ``notes``)."""
     cfg = model.config.get_text_config()
     heads, kv_heads = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
-    run = _decode_kernel_for(model, cfg, notes) if decode_kernel else None
+    run = decode_kernel_for(model, cfg, notes) if decode_kernel else None
     if (getattr(model.config, "_attn_implementation", None) != "sdpa" or not heads or not kv_heads
             or (heads == kv_heads and run is None) or not hasattr(model, "set_attn_implementation")):
         yield False
@@ -93,7 +93,7 @@ def folded_gqa_attention(model: torch.nn.Module, decode_kernel: bool = False,
 _VERIFIED: dict[tuple, tuple[bool, str]] = {}  # (heads, kv heads, head dim, dtype, device) -> probe check result
 
 
-def _decode_kernel_for(model: torch.nn.Module, cfg, notes: list[str] | None):
+def decode_kernel_for(model: torch.nn.Module, cfg, notes: list[str] | None):
     """`decode_attention.decode_attention` if it can run here and matches SDPA on probes, else None."""
     param = next(model.parameters())
     say = notes.append if notes is not None else (lambda _: None)

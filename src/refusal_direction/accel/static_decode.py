@@ -25,6 +25,7 @@ from ..core.padding import left_pad, pad_id, position_ids
 from ..core.stacked import apply_interventions
 from .folded_attention import folded_gqa_attention
 from .fusion import fused_kernels, restricted_sdpa
+from .own_step import own_step_for
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,15 @@ class _Decoder:
         self.tokens[:, 0] = first
         self.index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
         self.done = (first[:, None] == stop).any(-1)  # [rows]
+        self.forward: Callable[[], torch.Tensor] = self.hf_forward  # replaced by `own_step.OwnStep` when chosen
+
+    def hf_forward(self) -> torch.Tensor:
+        """HF's model forward (with the interventions' hooks) for the fed token: logits [rows, vocab]."""
+        return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]  # [rows, vocab]
 
     def step(self) -> None:
-        logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
-                            past_key_values=self.cache, use_cache=True).logits  # [rows, 1, vocab]
-        nxt = logits[:, -1].argmax(-1)  # [rows]
+        nxt = self.forward().argmax(-1)  # [rows]
         self.tokens.index_copy_(1, self.index, nxt[:, None])
         self.done.logical_or_((nxt[:, None] == self.stop).any(-1))
         self.ids.copy_(nxt[:, None])
@@ -87,9 +92,11 @@ def generate_chunk(
     progress: bool = False,
     sdpa_backends: Sequence[str] | None = None,
     fuse: bool = False,
+    step: str = "hf",
 ) -> tuple[list[tuple[list[int], bool]], FastStats]:
     """Generate one batch: row b is prompt ``rows[b][0]`` under ``interventions[rows[b][1]]``; per row, in order:
-    (new token ids, stopped)."""
+    (new token ids, stopped). ``step``: "hf" (HF's forward with hooks) or "own" (`own_step.OwnStep` where it
+    supports the model and the interventions, else HF's, with the reason in the stats' notes)."""
     model, device = lm.model, lm.device
     n_rows = len(rows)
     ids, mask, position = _batch_inputs(lm, [p for p, _ in rows], max_new_tokens)
@@ -117,6 +124,11 @@ def generate_chunk(
         dec = _prefill(model, ids, mask, position, stop_t, max_new_tokens, keep)
         sync()
         prefill_s = time.perf_counter() - t0
+        if step == "own":
+            own = own_step_for(lm, dec.cache, mask[:, :length], condition, interventions, dec.ids, dec.position,
+                               fuse, notes)
+            if own is not None:
+                dec.forward = own
         mode = _decode_mode(mode, dec.cache, max_new_tokens, notes)
         tokens, produced, capture_s, decode_s, mode = _decode(dec, mode, max_new_tokens, force_tokens, progress,
                                                               sync, notes)

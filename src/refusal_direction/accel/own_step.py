@@ -1,0 +1,162 @@
+"""The fast path's decode step without HF's module forwards: the sweep forward's fused pieces on a static cache.
+
+HF's decoder runs about 42 kernels per block and decode step at gemma-2b shape with the fast path's hooks and
+fusions (761 per step; 2026-11-29 profile): the norms, their casts, the rotary arithmetic, two kernels per
+ablation site, the residual adds, the cache writes. For the standard pre-norm decoder block that
+`fast_forward.SweepDecoder` recognises (Llama, Mistral, Qwen2, Gemma), `OwnStep` runs a decode step on that
+decoder's pieces instead, reading and writing the `StaticCache` HF's prefill filled:
+
+- the embedding, then per block: one q/k/v product, one rotary kernel for the new token's query and key (row b at
+  its own position), two index copies into the cache, attention over the cache as far as it is written, the
+  output projection, residual + ablation + RMSNorm in one kernel, gate and up products, act·up in one kernel, the
+  down product, residual + ablations + the next block's addition + the next RMSNorm in one kernel;
+- the rows' interventions are `fast_forward.RowInterventions`: each condition's direction ablated at every block
+  input and every attention/MLP output, its vector added at one block's input — exactly what the hooks of
+  `Baseline`, `DirectionalAblation` and `ActivationAddition` do. Any other intervention (the methods' forms) keeps
+  HF's step;
+- attention: the Triton `decode_attention` kernel where `folded_attention` verified it (CUDA, bf16/fp16), else
+  SDPA with the query heads of each KV head folded into query rows, under a boolean mask of the written slots.
+
+Every buffer address is fixed, so the step is captured as a CUDA graph like HF's. On CPU in float32 the tokens
+equal HF's step (tests); the element-wise kernels are the sweep's, each verified on probes before use. Chosen
+with ``step="own"`` (`fast_generation.generate_fast`); HF's step stays the default until this one is measured on
+a GPU (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, unit
+from ..core.model import LoadedModel
+from .fast_forward import RowInterventions, SweepDecoder
+from .folded_attention import decode_kernel_for
+
+log = logging.getLogger(__name__)
+
+STEPS = ("hf", "own")  # the decode step: HF's model forward with hooks, or `OwnStep`
+OWN_DECODER = "own_step_decoder"  # key in LoadedModel.extra: (weights key, fuse, SweepDecoder)
+
+
+def row_interventions(lm: LoadedModel, interventions: Sequence, condition: torch.Tensor) -> RowInterventions | str:
+    """The interventions of a batch whose row b runs ``interventions[condition[b]]``, or why they have no form here.
+
+    Directions and vectors in the model's dtype, made as the hooks make them (``unit(direction)``; ``coeff ·
+    direction`` in float64, then cast)."""
+    n, d = len(interventions), lm.d_model
+    dirs = torch.zeros(n, d, dtype=lm.dtype, device=lm.device)
+    adds = torch.zeros_like(dirs)
+    layers = [-1] * n
+    for c, iv in enumerate(interventions):
+        if type(iv) is DirectionalAblation:
+            dirs[c] = unit(iv.direction).to(device=lm.device, dtype=lm.dtype)
+        elif type(iv) is ActivationAddition:
+            if not 0 <= iv.layer < lm.n_layers:
+                raise ValueError(f"layer={iv.layer} out of range (0..{lm.n_layers - 1})")
+            adds[c] = (iv.coeff * iv.direction.double()).to(device=lm.device, dtype=lm.dtype)
+            layers[c] = iv.layer
+        elif type(iv) is not Baseline:
+            return f"intervention {iv.name!r} ({type(iv).__name__}) is not baseline, ablation or addition"
+    condition = condition.to(lm.device)
+    has_dirs = any(type(iv) is DirectionalAblation for iv in interventions)
+    has_adds = any(layer >= 0 for layer in layers)
+    return RowInterventions(dirs[condition] if has_dirs else None, adds[condition] if has_adds else None,
+                            tuple(layers[c] for c in condition.tolist()) if has_adds else None)
+
+
+def decoder_for(lm: LoadedModel, fuse: bool) -> SweepDecoder | None:
+    """The model's `SweepDecoder` (kept in ``lm.extra`` until a weight changes), or None if it has none."""
+    key = tuple((p.data_ptr(), p._version) for p in lm.model.parameters())
+    cached = lm.extra.get(OWN_DECODER)
+    if cached is not None and cached[:2] == (key, fuse) and cached[2].lm is lm:
+        return cached[2]
+    decoder = SweepDecoder.for_model(lm, fuse)
+    if decoder is not None:
+        lm.extra[OWN_DECODER] = (key, fuse, decoder)
+    return decoder
+
+
+class OwnStep:
+    """``logits = step()`` for the token in ``ids`` [rows, 1] at ``position`` [rows, 1]: writes its key and value
+    into the cache at ``slot`` (one slot per step, the same for every row, as HF's `StaticCache` does), advances
+    the slot, returns the last-position logits [rows, vocab]."""
+
+    def __init__(self, decoder: SweepDecoder, cache, prompt_mask: torch.Tensor, rows: RowInterventions,
+                 ids: torch.Tensor, position: torch.Tensor, attention=None):
+        self.decoder, self.rows, self.ids, self.position, self.attention = decoder, rows, ids, position, attention
+        self.keys = [layer.keys for layer in cache.layers]  # [rows, n_kv, cache_len, hd] each
+        self.values = [layer.values for layer in cache.layers]
+        n, length = prompt_mask.shape
+        cache_len = self.keys[0].shape[2]
+        if len(self.keys) != len(decoder.blocks) or any(k.shape[2] != cache_len for k in self.keys):
+            raise ValueError("the static cache does not match the decoder's blocks")
+        self.slot = torch.full((1,), length, dtype=torch.long, device=ids.device)  # the cache slot written next
+        self.mask = torch.zeros(n, 1, 1, cache_len, dtype=torch.bool, device=ids.device)  # [rows, 1, 1, cache_len]
+        self.mask[:, 0, 0, :length] = prompt_mask.bool()
+        self.added = [rows.added_at(layer) for layer in range(len(decoder.blocks))]  # [rows, d] or None each
+
+    def __call__(self) -> torch.Tensor:
+        dec, k, u = self.decoder, self.decoder.kernels, self.rows.dirs
+        n_heads, n_kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
+        blocks = dec.blocks
+        x = dec.embed(self.ids)  # [rows, 1, d]
+        rows = x.shape[0]
+        cos, sin = (t[:, 0] for t in dec.rotary_emb(x, position_ids=self.position))  # [rows, hd]: row b at its own
+        h, normed = k.residual(x, None, u, self.added[0], blocks[0].input_norm, ablate_sum=u is not None)
+        self.mask.index_fill_(3, self.slot, True)
+        for layer, block in enumerate(blocks):
+            qkv = F.linear(normed, block.qkv_weight, block.qkv_bias)  # [rows, 1, (heads + 2 kv) hd]
+            # the rows as the "sequence" of one row, so cos/sin [rows, hd] index them: [1, heads/kv, rows, hd]
+            q, key = k.rotary(qkv.view(1, rows, -1), cos, sin, n_heads, n_kv, hd)
+            value = qkv[:, 0, (n_heads + n_kv) * hd:].view(rows, n_kv, 1, hd)
+            self.keys[layer].index_copy_(2, self.slot, key[0].transpose(0, 1).unsqueeze(2))
+            self.values[layer].index_copy_(2, self.slot, value)
+            q = q[0].transpose(0, 1).view(rows, n_kv, n_heads // n_kv, hd)  # query heads of KV head g as rows of g
+            if self.attention is not None:
+                out = self.attention(q, self.keys[layer], self.values[layer], self.mask, block.scaling)
+            else:
+                out = F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask,
+                                                     scale=block.scaling)  # [rows, n_kv, G, hd]
+            h, normed = k.residual(h, block.o_proj(out.reshape(rows, 1, n_heads * hd)), u, None, block.mid_norm,
+                                   ablate_sum=False)
+            mlp = block.down(k.act_mul(block, block.gate(normed), block.up(normed)))
+            if layer + 1 < len(blocks):
+                h, normed = k.residual(h, mlp, u, self.added[layer + 1], blocks[layer + 1].input_norm,
+                                       ablate_sum=u is not None)
+            else:
+                h, normed = k.residual(h, mlp, u, None, dec.lm.final_norm, ablate_sum=False)
+        self.slot.add_(1)
+        logits = dec.head(normed[:, -1].contiguous())  # [rows, vocab]
+        if dec.softcap:
+            logits = torch.tanh(logits / dec.softcap) * dec.softcap
+        return logits
+
+
+def own_step_for(lm: LoadedModel, cache, prompt_mask: torch.Tensor, condition: torch.Tensor,
+                 interventions: Sequence, ids: torch.Tensor, position: torch.Tensor, fuse: bool,
+                 notes: list[str]) -> OwnStep | None:
+    """An `OwnStep` for this batch, or None with the reason in ``notes`` (HF's step then decodes)."""
+    rows = row_interventions(lm, interventions, condition)
+    if isinstance(rows, str):
+        notes.append(f"own decode step unavailable ({rows}): HF's step")
+        return None
+    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+        notes.append("own decode step unavailable (sliding-window cache layers): HF's step")
+        return None
+    decoder = decoder_for(lm, fuse)
+    if decoder is None:
+        notes.append("own decode step unavailable (not a standard pre-norm decoder, see the log): HF's step")
+        return None
+    if decoder.n_heads % decoder.n_kv:
+        notes.append("own decode step unavailable (query heads not a multiple of KV heads): HF's step")
+        return None
+    attention = decode_kernel_for(lm.model, lm.model.config.get_text_config(), notes) if fuse else None
+    notes.append("own decode step" + (" with the decode attention kernel" if attention else " with SDPA"))
+    return OwnStep(decoder, cache, prompt_mask, rows, ids, position, attention)
+
+
+__all__ = ["OWN_DECODER", "STEPS", "OwnStep", "decoder_for", "own_step_for", "row_interventions"]
