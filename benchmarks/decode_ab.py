@@ -1,5 +1,6 @@
 """A/B of the fast path's decode on a bench shape: the same forced workload with the fused kernels (RMSNorm,
-rotary, Triton decode attention) and without, wall seconds and per-step decode, plus the generation floor.
+rotary, Triton decode attention), without them, and on the own decode step (`accel.own_step`), wall seconds and
+per-step decode, token agreement, plus the generation floor.
 
     python benchmarks/decode_ab.py --model llama-3-8b-shape --n-prompts 100 --new-tokens 512
 """
@@ -89,23 +90,30 @@ def main(argv=None) -> int:
     prompts = prompt_ids(lm, synthetic_instructions(lm, args.n_prompts, 0))
     conds = bench_conditions(lm)
     out = {"model": lm.model_id, "rows": args.n_prompts * len(conds), "new_tokens": args.new_tokens}
-    for name, fuse in (("fused", True), ("unfused", False), ("fused_repeat", True)):
+    runs = (("fused", True, "hf"), ("unfused", False, "hf"), ("fused_repeat", True, "hf"), ("own", True, "own"),
+            ("own_repeat", True, "own"))
+    for name, fuse, step in runs:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = generate_fast_ids(lm, prompts, conds, args.new_tokens, [], force_tokens=True, fuse=fuse)
+        res = generate_fast_ids(lm, prompts, conds, args.new_tokens, [], force_tokens=True, fuse=fuse, step=step)
         torch.cuda.synchronize()
         out[name] = {"seconds": time.perf_counter() - t0, "decode_s": res.stats.decode_s,
                      "prefill_s": res.stats.prefill_s, "notes": list(res.stats.notes)}
         out.setdefault("tokens", {})[name] = res.tokens
-    same = sum(a == b for c in conds for ra, rb in zip(out["tokens"]["fused"][c.name], out["tokens"]["unfused"][c.name])
-               for a, b in zip(ra, rb))
-    out["token_agreement_fused_vs_unfused"] = same / (out["rows"] * args.new_tokens)
+    def agreement(a: str, b: str) -> float:
+        same = sum(x == y for c in conds for ra, rb in zip(out["tokens"][a][c.name], out["tokens"][b][c.name])
+                   for x, y in zip(ra, rb))
+        return same / (out["rows"] * args.new_tokens)
+
+    out["token_agreement_fused_vs_unfused"] = agreement("fused", "unfused")
+    out["token_agreement_own_vs_hf_step"] = agreement("fused", "own")
     out["repeat_identical"] = out["tokens"]["fused"] == out["tokens"]["fused_repeat"]
     del out["tokens"]
     floor = generation_floor(lm, out["rows"], max(len(p) for p in prompts), args.new_tokens,
                              measure_ceilings(lm.device))
     out["floor_s"] = floor["seconds"]
     out["floor_ratio"] = out["fused_repeat"]["seconds"] / floor["seconds"]
+    out["own_floor_ratio"] = out["own_repeat"]["seconds"] / floor["seconds"]
     out["attention_alone"] = attention_alone(lm)
     print(json.dumps(out, indent=1))
     if args.out:

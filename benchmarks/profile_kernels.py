@@ -53,7 +53,7 @@ def show(title: str, table: dict) -> None:
         print(f"    {row['s']:8.4f} s  x{row['calls']:<6} {row['name']}")
 
 
-def profile_decode(lm, rows: int, steps: int) -> dict:
+def profile_decode(lm, rows: int, steps: int, step: str = "hf") -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,16 +62,17 @@ def profile_decode(lm, rows: int, steps: int) -> dict:
 
     prompts = prompt_ids(lm, synthetic_instructions(lm, rows // 2, 0))
     conds = bench_conditions(lm)
-    generate_fast_ids(lm, prompts, conds, 4, [], force_tokens=True, decode="eager")  # warm-up
+    generate_fast_ids(lm, prompts, conds, 4, [], force_tokens=True, decode="eager", step=step)  # warm-up
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        generate_fast_ids(lm, prompts, conds, steps, [], force_tokens=True, decode="eager")
+        generate_fast_ids(lm, prompts, conds, steps, [], force_tokens=True, decode="eager", step=step)
         torch.cuda.synchronize()
     table = kernel_table(prof)
     t0 = time.perf_counter()
-    res = generate_fast_ids(lm, prompts, conds, steps, [], force_tokens=True, decode="cuda-graph")
+    res = generate_fast_ids(lm, prompts, conds, steps, [], force_tokens=True, decode="cuda-graph", step=step)
     torch.cuda.synchronize()
     table["graph_wall_s"] = time.perf_counter() - t0
+    table["step"], table["notes"] = step, list(res.stats.notes)
     table["graph_decode_s_per_step"] = res.stats.decode_s / max(res.stats.steps - 1, 1)
     table["prompt_len"] = res.stats.prompt_len
     return table
@@ -149,6 +150,9 @@ def main(argv=None) -> int:
     result["decode"] = profile_decode(lm, args.rows, args.steps)
     show(f"decode, {args.rows} rows x {args.steps} steps (eager)", result["decode"])
     print("  graph decode per step: %.2f ms" % (1e3 * result["decode"]["graph_decode_s_per_step"]))
+    result["decode_own_step"] = profile_decode(lm, args.rows, args.steps, step="own")
+    show(f"decode on the own step, {args.rows} rows x {args.steps} steps (eager)", result["decode_own_step"])
+    print("  graph decode per step: %.2f ms" % (1e3 * result["decode_own_step"]["graph_decode_s_per_step"]))
     result["attention"] = time_attention(lm, args.rows, args.cache_len)
     print("\n== attention alone:", json.dumps(result["attention"]))
     result["sweep"] = profile_sweep(lm, args.sweep_prompts)

@@ -144,8 +144,9 @@ def time_fast(lm: LoadedModel, instructions: Sequence[str], conditions: Sequence
 def fast_variants(lm: LoadedModel, instructions: Sequence[str], conditions: Sequence[Intervention],
                   new_tokens: int, fast_options: dict, reference: FastResult, n_tokens: int, eager_check: bool,
                   compile_check: bool) -> dict:
-    """The fast path without CUDA graphs ("eager"), without fused norm/rotary ("unfused") and compiled
-    ("compile"), each compared with ``reference`` (the graph run); only those that apply on this device."""
+    """The fast path without CUDA graphs ("eager"), without fused norm/rotary ("unfused"), on the own decode step
+    ("own_step", two calls) and compiled ("compile"), each compared with ``reference`` (the graph run); only those
+    that apply on this device."""
     out: dict = {}
     if eager_check and reference.stats.decode != "eager":
         res, secs = fast_generate(lm, instructions, conditions, new_tokens, decode="eager", **fast_options)
@@ -156,6 +157,15 @@ def fast_variants(lm: LoadedModel, instructions: Sequence[str], conditions: Sequ
         res, secs = fast_generate(lm, instructions, conditions, new_tokens, **{**fast_options, "fuse": False})
         out["unfused"] = {"seconds": secs, "decode_s": res.stats.decode_s,
                           "agreement": {n: agreement(res.tokens[n], reference.tokens[n]) for n in res.tokens}}
+    if fast_options.get("step", "hf") == "hf":  # the own decode step (accel.own_step) against HF's step
+        calls = [fast_generate(lm, instructions, conditions, new_tokens, **{**fast_options, "step": "own"})
+                 for _ in range(2)]
+        res = calls[0][0]
+        out["own_step"] = {"seconds": calls[0][1], "repeat_seconds": calls[1][1], "decode_s": res.stats.decode_s,
+                           "repeat_decode_s": calls[1][0].stats.decode_s, "used": any(
+                               n.startswith("own decode step with") for n in res.stats.notes),
+                           "notes": list(res.stats.notes), "identical_to_hf_step": res.tokens == reference.tokens,
+                           "agreement": {n: agreement(res.tokens[n], reference.tokens[n]) for n in res.tokens}}
     if compile_check and lm.device.type == "cuda":
         try:
             res, secs = fast_generate(lm, instructions, conditions, new_tokens, decode="compile", **fast_options)

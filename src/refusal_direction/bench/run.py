@@ -89,6 +89,8 @@ def run_benchmark(
     result["ceilings"] = ceilings
     result["floor"] = generation_floor(lm, n_prompts * len(conditions), max(lengths), new_tokens, ceilings)
     result["floor_ratio"] = fast["first"]["seconds"] / result["floor"]["seconds"]
+    if "own_step" in result:
+        result["own_step"]["floor_ratio"] = result["own_step"]["seconds"] / result["floor"]["seconds"]
 
     result["activations"] = time_activations(lm, activation_prompts, seed)
     result["selection"] = time_selection(lm, selection_prompts, seed, ceilings=ceilings)
@@ -159,6 +161,15 @@ def format_report(r: dict) -> str:
         label = "    fast path without fused norm/rotary"
         lines.append(f"{label:<44}{u['seconds']:>10.2f}{w['tokens'] / u['seconds']:>12.0f}   "
                      f"decode {u['decode_s']:.2f}s; {same}/{rows} rows identical to the fused run")
+    if "own_step" in r:
+        o = r["own_step"]
+        same = sum(a["identical_rows"] for a in o["agreement"].values())
+        rows = sum(a["rows"] for a in o["agreement"].values())
+        state = "" if o["used"] else " (not used: HF's step ran, see the notes)"
+        label = "    fast path on the own decode step"
+        lines.append(f"{label:<44}{o['seconds']:>10.2f}{w['tokens'] / o['seconds']:>12.0f}   "
+                     f"repeat {o['repeat_seconds']:.2f}s, decode {o['decode_s']:.2f}s; {same}/{rows} rows identical "
+                     f"to HF's step{state}")
     if "compile" in r:
         c = r["compile"]
         text = c.get("failed") or (f"first {c['first_seconds']:.2f}s (compile {c['first_compile_s']:.1f}s), "
@@ -170,7 +181,8 @@ def format_report(r: dict) -> str:
         f"{fl['compute_s']:.2f}s at {r['ceilings']['matmul_TFLOPs']:.3g} TFLOP/s",
         "",
         f"speed-up (a)/(b): {r['speedup']:.1f}x first call, {r['speedup_repeat']:.1f}x repeat; "
-        f"fast path / floor: {r['floor_ratio']:.1f}x",
+        f"fast path / floor: {r['floor_ratio']:.1f}x"
+        + (f" (own decode step: {r['own_step']['floor_ratio']:.1f}x)" if "own_step" in r else ""),
     ]
     for name, a in r["agreement"].items():
         lines.append(f"agreement with (a) [{name}]: {a['identical_rows']}/{a['rows']} rows identical, "
