@@ -29,3 +29,19 @@ def test_cuda_triton_kernels_verified_and_logits_match_bf16(arch):
     assert err < 2e-2, err  # bf16 roundings in another order, nothing more
     moved = _rel_err(plain, want)
     assert moved > 0.1, moved  # the interventions move the logits far more: the match above is not vacuous
+
+
+def test_grouped_query_attention_runs_unexpanded_on_flash_bf16():
+    lm = tiny_arch("llama")  # 4 query heads, 2 KV heads
+    lm.model.to("cuda", torch.bfloat16)
+    decoder = SweepDecoder.for_model(lm)
+    assert decoder.native_gqa  # flash attention takes enable_gqa on the GPUs this runs on (sm80+)
+    seqs = prompt_ids(lm)
+    dirs, adds, layers = row_interventions(lm, len(seqs))
+    rows = RowInterventions(dirs.to("cuda", torch.bfloat16), adds.to("cuda", torch.bfloat16), layers)
+    with torch.no_grad():
+        prefix = decoder.kv_prefix(seqs[0][:4], rows, len(seqs))
+        native = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs), device="cuda"))
+        decoder.native_gqa = False
+        expanded = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs), device="cuda"))
+    assert _rel_err(native.float(), expanded.float()) < 1e-2

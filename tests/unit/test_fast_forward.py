@@ -85,3 +85,23 @@ def test_unsupported_blocks_are_refused_with_a_reason(caplog):
     caplog.set_level(logging.INFO, logger="refusal_direction.accel.fast_forward")
     assert SweepDecoder.for_model(wrap_model(model, tok, model_id="tiny-gemma2")) is None
     assert "sweep forward unavailable for tiny-gemma2" in caplog.text and "block children" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unexpanded_grouped_query_attention_equals_the_expanded(arch):
+    """``native_gqa`` (SDPA's enable_gqa, chosen on CUDA where flash attention takes it) gives the logits of the
+    expanded K/V, with and without the prefix's lower-right causal mask (here on the CPU's math kernel)."""
+    lm = tiny_arch(arch)
+    decoder = SweepDecoder.for_model(lm)
+    assert decoder.n_kv < decoder.n_heads and not decoder.native_gqa  # CPU: expanded by default
+    seqs = prompt_ids(lm)
+    dirs, adds, layers = row_interventions(lm, len(seqs), seed=2)
+    rows = RowInterventions(dirs, adds, layers)
+    with torch.no_grad():
+        want = reference_logits(lm, seqs, dirs, adds, layers)
+        prefix = decoder.kv_prefix(seqs[0][:4], rows, len(seqs))
+        expanded = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs)))
+        decoder.native_gqa = True
+        assert _close(decoder.last_logits(seqs, rows), want)[0]
+        native = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs)))
+    assert _close(native, want)[0] and _close(native, expanded)[0], _close(native, expanded)
