@@ -4,6 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
+#                                                          gputests bench2b ab2b ab8b prof2b
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -85,6 +86,20 @@ for step in "$@"; do
       time rd bench --model llama-3-8b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
           --json $RUNS/bench8b.json
       keep bench8b $RUNS/bench8b.json;;
+    gputests)  # the GPU tier (tiny models on CUDA: graphs, Triton kernels, the own step, unexpanded GQA)
+      python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee $RUNS/gputests.txt
+      keep gputests $RUNS/gputests.txt;;
+    bench2b)  # #18: gemma-2b's shape with random weights (HF's and the own decode step, the sweep)
+      time rd bench --model gemma-2b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
+          --json $RUNS/bench2b.json
+      keep bench2b $RUNS/bench2b.json;;
+    ab2b|ab8b)  # fused / unfused / own decode step on one shape, and the attention kernel alone
+      m=$([ $step = ab2b ] && echo gemma-2b-shape || echo llama-3-8b-shape)
+      python benchmarks/decode_ab.py --model $m --out $RUNS/$step.json > /dev/null
+      keep $step $RUNS/$step.json;;
+    prof2b)  # kernel tables of a decode step (HF's and the own step) and of the sweep, gemma-2b shape
+      python benchmarks/profile_kernels.py --model gemma-2b-shape --out $RUNS/prof2b.json > $RUNS/prof2b.txt
+      keep prof2b $RUNS/prof2b.json $RUNS/prof2b.txt;;
     *) echo "unknown step $step" >&2; exit 2;;
   esac
 done
