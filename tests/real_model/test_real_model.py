@@ -93,3 +93,22 @@ def test_selection_shortcuts_reproduce_full_passes(qwen, data_dir, caplog):
     for a, b in zip(fast, full, strict=True):
         for k in ("bypass", "induce", "kl"):
             assert abs(getattr(a, k) - getattr(b, k)) <= 1e-3 + 1e-3 * abs(getattr(b, k)), (a, b, k)
+
+
+def test_own_decode_step_gives_hf_steps_tokens(qwen, data_dir):
+    """The fast path's own decode step (Qwen2 blocks: GQA 14/2 heads, q/k/v biases) on the real weights, float32 on
+    the CPU: every forced token of baseline, ablation and activation-addition rows equals HF's step."""
+    from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
+    from refusal_direction.core.interventions import ActivationAddition
+
+    s = sample_sets(data_dir, n_train=8, n_val=1, n_eval=6, n_harmless_eval=1)
+    harmful = mean_resid_pre(qwen, [i.text for i in s.harmful_train], batch_size=8)
+    harmless = mean_resid_pre(qwen, [i.text for i in s.harmless_train], batch_size=8)
+    direction = diff_in_means(harmful, harmless).get(POSITION, LAYER).vector
+    conds = [Baseline(), DirectionalAblation(direction), ActivationAddition(direction, layer=LAYER)]
+    prompts = prompt_ids(qwen, [i.text for i in s.eval])
+    hf = generate_fast_ids(qwen, prompts, conds, 16, [], force_tokens=True)
+    own = generate_fast_ids(qwen, prompts, conds, 16, [], force_tokens=True, step="own")
+    assert "own decode step with SDPA" in own.stats.notes, own.stats.notes
+    assert own.tokens == hf.tokens
+    assert own.tokens["ablation"] != own.tokens["baseline"]
