@@ -149,4 +149,5 @@ def test_fast_backend_generates_every_set_in_one_batch_with_the_hf_backends_comp
         timings = json.loads((out / "timings.json").read_text())
         assert "generate_s" in timings
         assert ("generate_baseline_s" in timings) == (backend == "hf")  # HF: one condition at a time
+        assert not (out / "generate_partial.jsonl").exists()  # the fast path's finished batches: gone when done
     assert len(files["fast"]) == 10 and files["fast"] == files["hf"]

@@ -45,6 +45,7 @@ from ..core.interventions import Intervention
 from ..core.model import LoadedModel
 from .folded_attention import FOLDED_SDPA, folded_gqa_attention, folded_sdpa_attention
 from .own_step import STEPS
+from .partial import PartialResults, intervention_digest, unit_key
 from .static_decode import CHECK_EVERY, WARMUP_STEPS, FastPathUnsupported, FastStats, generate_chunk
 
 __all__ = ["CHECK_EVERY", "DECODE_MODES", "FOLDED_SDPA", "SDPA_BACKENDS", "STEPS", "WARMUP_STEPS",
@@ -174,10 +175,11 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
                     interventions: Sequence[Intervention], max_new_tokens: int, stop: Sequence[int], *,
                     force_tokens: bool = False, decode: str = "auto", max_rows: int | None = None,
                     progress: bool = False, sdpa_backends: Sequence[str] | None = SDPA_BACKENDS,
-                    fuse: bool = True, step: str = "hf") -> tuple[list[dict[int, tuple[list[int], bool]]], FastStats]:
+                    fuse: bool = True, step: str = "hf", partial: PartialResults | None = None
+                    ) -> tuple[list[dict[int, tuple[list[int], bool]]], FastStats]:
     """Per unit (prompt ids, the conditions it is decoded under): {condition: (new ids, stopped)}, and the stats. A
     batch's rows are condition-major: every unit of the batch under condition 0, then 1, ... (row c·n + i for one
-    set)."""
+    set). ``partial``: units found there are not decoded again; each finished batch's units are added to it."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     if any(len(p) == 0 for p, _ in units):
@@ -189,12 +191,11 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
     n_cond = len(interventions)
     if not units or not n_cond:
         return [{} for _ in units], FastStats(0, 0, 0, 0, 0.0, 0.0, 0.0, mode)
-    longest = max(len(p) for p, _ in units)
-    per_chunk = prompts_per_chunk(lm, len(units), max(len(c) for _, c in units), longest + max_new_tokens, max_rows)
+    keys, digests, per_unit, todo = _resumed(lm, units, interventions, max_new_tokens, stop, force_tokens, partial)
     stats: list[FastStats] = []
 
-    def run_chunk(chunk):
-        rows = [(p, c) for c in range(n_cond) for p, conds in chunk if c in conds]
+    def run_chunk(chunk: Sequence[int]) -> list[dict[int, tuple[list[int], bool]]]:
+        rows = [(units[u][0], c) for c in range(n_cond) for u in chunk if c in units[u][1]]
         if not rows:  # only units of a set without interventions
             return [{} for _ in chunk]
         out, st = generate_chunk(lm, rows, interventions, max_new_tokens, stop, force_tokens, mode, progress,
@@ -203,20 +204,51 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
         it = iter(out)
         per = [{} for _ in chunk]
         for c in range(n_cond):
-            for i, (_, conds) in enumerate(chunk):
-                if c in conds:
+            for i, u in enumerate(chunk):
+                if c in units[u][1]:
                     per[i][c] = next(it)
+        if partial is not None:  # durable before the next batch starts
+            partial.put([(keys[u], {digests[c]: r for c, r in res.items()}) for u, res in zip(chunk, per)])
         return per
 
-    per_unit = run_batched(run_chunk, list(units), per_chunk, desc="generate [fast]")
+    if todo:
+        longest = max(len(units[u][0]) for u in todo)
+        per_chunk = prompts_per_chunk(lm, len(todo), max(len(units[u][1]) for u in todo), longest + max_new_tokens,
+                                      max_rows)
+        for u, res in zip(todo, run_batched(run_chunk, todo, per_chunk, desc="generate [fast]")):
+            per_unit[u] = res
+    if not stats:
+        return per_unit, FastStats(0, 0, 0, 0, 0.0, 0.0, 0.0, mode, ("every unit resumed",) if units else ())
     total = FastStats(rows=max(s.rows for s in stats), chunks=len(stats), prompt_len=max(s.prompt_len for s in stats),
                       steps=max(s.steps for s in stats), prefill_s=sum(s.prefill_s for s in stats),
                       capture_s=sum(s.capture_s for s in stats), decode_s=sum(s.decode_s for s in stats),
                       decode=stats[-1].decode, notes=tuple(dict.fromkeys(n for s in stats for n in s.notes)))
     log.info("fast generation: %d prompts x %d conditions (%d rows) in %d batch(es) of <=%d rows, %d new tokens, "
-             "%s; prefill %.2fs, capture %.2fs, decode %.2fs", len(units), n_cond, sum(len(c) for _, c in units),
-             total.chunks, total.rows, total.steps, total.decode, total.prefill_s, total.capture_s, total.decode_s)
+             "%s; prefill %.2fs, capture %.2fs, decode %.2fs%s", len(todo), n_cond,
+             sum(len(units[u][1]) for u in todo), total.chunks, total.rows, total.steps, total.decode,
+             total.prefill_s, total.capture_s, total.decode_s,
+             f" ({len(units) - len(todo)} units resumed)" if len(todo) < len(units) else "")
     return per_unit, total
+
+
+def _resumed(lm: LoadedModel, units, interventions, max_new_tokens: int, stop: Sequence[int], force_tokens: bool,
+             partial: PartialResults | None) -> tuple[list[str], list[str], list[dict], list[int]]:
+    """(unit keys, condition digests, per-unit results with the resumed ones filled in, indices of the units still
+    to decode); without ``partial`` no keys and every unit to decode."""
+    per_unit: list[dict] = [{} for _ in units]
+    if partial is None:
+        return [], [], per_unit, list(range(len(units)))
+    digests = [intervention_digest(iv) for iv in interventions]
+    model = f"{lm.model_id}|{lm.dtype}"
+    keys = [unit_key(model, p, [digests[c] for c in conds], max_new_tokens, stop, force_tokens) for p, conds in units]
+    todo = []
+    for u, (_, conds) in enumerate(units):
+        got = partial.get(keys[u])
+        if got is not None and all(digests[c] in got for c in conds):
+            per_unit[u] = {c: got[digests[c]] for c in conds}
+        else:
+            todo.append(u)
+    return keys, digests, per_unit, todo
 
 
 # --------------------------------------------------------------------------------------------------

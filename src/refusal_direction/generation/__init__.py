@@ -81,19 +81,23 @@ def generate_sets(
     progress: bool = False,
     backend: str = "auto",
     on_done=None,
+    partial=None,
 ) -> list[dict[str, list[Generated]]]:
     """Several prompt sets, each under its own interventions: per set, {intervention name: completions}.
 
     On the fast path every set's rows share one batch (one decode loop; an intervention object passed to
     several sets is one condition); on HF generate the sets run one after another, a condition at a time.
-    ``on_done(set index, name, completions, seconds)`` is called as each (set, condition) finishes."""
+    ``on_done(set index, name, completions, seconds)`` is called as each (set, condition) finishes.
+    ``partial`` (`accel.partial.PartialResults`): on the fast path, where each finished batch's rows are kept
+    and from where an interrupted call's rows are taken instead of being decoded again."""
     import time
 
     if choose_backend(lm, backend) == "fast":
         from ..accel import generate_fast_sets
 
         t0 = time.perf_counter()
-        out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, progress)
+        extra = {} if partial is None else {"partial": partial}
+        out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, progress, **extra)
         if on_done is not None:
             for k, per_set in enumerate(out):
                 for name, gens in per_set.items():

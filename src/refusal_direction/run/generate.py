@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..accel.partial import PartialResults
 from ..core.directions import Direction
 from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
 from ..data.instructions import Instruction, Samples
@@ -15,6 +16,7 @@ from .extract import xstest_items
 from .rundir import CONDITION_FILES, Run
 
 log = logging.getLogger(__name__)
+PARTIAL_FILE = "generate_partial.jsonl"  # the fast path's finished batches while the stage runs (accel.partial)
 
 
 def condition_intervention(condition: str, direction: Direction, coeff: float) -> Intervention:
@@ -61,9 +63,17 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
         if per_condition:
             run.timing(f"generate_{condition_of[name]}_s", seconds)
 
+    partial = None
+    if not per_condition:  # the fast path's finished batches, kept until every completion file is written
+        partial = PartialResults(run.out / PARTIAL_FILE)
+        if force:
+            partial.remove()
     t0 = time.perf_counter()
-    generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done)
+    generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done,
+                  partial=partial)
     run.timing("generate_s", time.perf_counter() - t0)  # every set (on the fast path: one shared batch)
+    if partial is not None:
+        partial.remove()
 
 
 def dataset_items(run: Run, samples: Samples, dataset_key: str) -> list[Instruction]:
