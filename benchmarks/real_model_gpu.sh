@@ -87,7 +87,8 @@ for step in "$@"; do
           --json $RUNS/bench8b.json
       keep bench8b $RUNS/bench8b.json;;
     gputests)  # the GPU tier (tiny models on CUDA: graphs, Triton kernels, the own step, unexpanded GQA)
-      python -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -15 | tee $RUNS/gputests.txt
+      python -m pytest -q -p no:cacheprovider -rf tests/gpu > $RUNS/gputests.txt 2>&1 || true  # later steps run on
+      tail -25 $RUNS/gputests.txt
       keep gputests $RUNS/gputests.txt;;
     bench2b)  # #18: gemma-2b's shape with random weights (HF's and the own decode step, the sweep)
       time rd bench --model gemma-2b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \

@@ -39,9 +39,12 @@ def test_grouped_query_attention_runs_unexpanded_on_flash_bf16():
     seqs = prompt_ids(lm)
     dirs, adds, layers = row_interventions(lm, len(seqs))
     rows = RowInterventions(dirs.to("cuda", torch.bfloat16), adds.to("cuda", torch.bfloat16), layers)
+    slots = torch.arange(len(seqs), device="cuda")
     with torch.no_grad():
         prefix = decoder.kv_prefix(seqs[0][:4], rows, len(seqs))
-        native = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs), device="cuda"))
+        # with the prefix (lower-right causal mask) and without it (is_causal over equal lengths)
+        native = [decoder.last_logits([s[4:] for s in seqs], rows, prefix, slots), decoder.last_logits(seqs, rows)]
         decoder.native_gqa = False
-        expanded = decoder.last_logits([s[4:] for s in seqs], rows, prefix, torch.arange(len(seqs), device="cuda"))
-    assert _rel_err(native.float(), expanded.float()) < 1e-2
+        expanded = [decoder.last_logits([s[4:] for s in seqs], rows, prefix, slots), decoder.last_logits(seqs, rows)]
+    for a, b in zip(native, expanded):
+        assert _rel_err(a.float(), b.float()) < 1e-2

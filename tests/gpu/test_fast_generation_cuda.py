@@ -44,7 +44,7 @@ def test_own_step_in_a_cuda_graph_gives_hf_steps_tokens_fp32():
     kw = {"force_tokens": True, "decode": "cuda-graph"}
     hf = generate_fast_ids(lm, prompts, conditions(lm), 40, [], **kw)
     own = generate_fast_ids(lm, prompts, conditions(lm), 40, [], step="own", **kw)
-    assert own.stats.decode == "cuda-graph" and any(n.startswith("own decode step") for n in own.stats.notes)
+    assert own.stats.decode == "cuda-graph" and any(n.startswith("own decode step with") for n in own.stats.notes)
     assert own.tokens == hf.tokens
     assert own.tokens["baseline"] != own.tokens["ablation"]
 

@@ -28,20 +28,13 @@ NEW_TOKENS = 6
 def run(lm, step: str, act: int) -> tuple[dict, list, int]:
     """(tokens, every decode step's logits, attention calls on the kernel) of one forced run."""
     seen, calls = [], [0]
-    real_step, real_for, real_kernel = static_decode._Decoder.step, own_step.decoder_for, own_step.decode_kernel_for
+    real_forward, real_for, real_kernel = static_decode._Decoder.forward, own_step.decoder_for, \
+        own_step.decode_kernel_for
 
     def recording(self):
-        forward = self.forward
-
-        def record():
-            logits = forward()
-            seen.append(logits.clone())
-            return logits
-        self.forward = record
-        try:
-            real_step(self)
-        finally:
-            self.forward = forward
+        logits = real_forward(self)
+        seen.append(logits.clone())
+        return logits
 
     def with_triton(lm_, fuse):
         dec = real_for(lm_, fuse)
@@ -52,14 +45,15 @@ def run(lm, step: str, act: int) -> tuple[dict, list, int]:
         calls[0] += 1
         return decode_attention(*args, **kwargs)
 
-    static_decode._Decoder.step = recording
+    static_decode._Decoder.forward = recording
     own_step.decoder_for = with_triton
     own_step.decode_kernel_for = lambda *a, **k: counted  # float32 on CPU: not offered, so forced here
     try:
         res = generate_fast_ids(lm, prompt_ids(lm, INSTRUCTIONS), conditions(lm), NEW_TOKENS, [], force_tokens=True,
                                 step=step)
     finally:
-        static_decode._Decoder.step, own_step.decoder_for, own_step.decode_kernel_for = real_step, real_for, real_kernel
+        static_decode._Decoder.forward, own_step.decoder_for, own_step.decode_kernel_for = (real_forward, real_for,
+                                                                                            real_kernel)
     assert step == "hf" or any("own decode step with the decode attention kernel" in n for n in res.stats.notes)
     return res.tokens, seen, calls[0]
 

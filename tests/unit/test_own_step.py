@@ -9,8 +9,9 @@ import logging
 import pytest
 import torch
 
+from refusal_direction.accel.fast_forward import BUILT_DECODER
 from refusal_direction.accel.fast_generation import generate_fast, generate_fast_ids, prompt_ids
-from refusal_direction.accel.own_step import OWN_DECODER, decoder_for, row_interventions
+from refusal_direction.accel.own_step import decoder_for, row_interventions
 from refusal_direction.core.decoding import GenerationSettings
 from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
 from refusal_direction.methods.interventions import SubspaceAblation
@@ -44,36 +45,37 @@ def test_own_step_logits_match_hf_step(lm, monkeypatch):
     from refusal_direction.accel import static_decode
 
     seen: dict[str, list] = {"hf": [], "own": []}
-    real = static_decode._Decoder.step
+    real = static_decode._Decoder.forward
 
-    def recording(name):
-        def step(self):
-            forward = self.forward
+    def recording(self):
+        logits = real(self)
+        seen["own" if self.own is not None else "hf"].append(logits.clone())
+        return logits
 
-            def record():
-                logits = forward()
-                seen[name].append(logits.clone())
-                return logits
-            self.forward = record
-            try:
-                real(self)
-            finally:
-                self.forward = forward
-        return step
-
+    monkeypatch.setattr(static_decode._Decoder, "forward", recording)
     conds = conditions(lm)
     for name in ("hf", "own"):
-        monkeypatch.setattr(static_decode._Decoder, "step", recording(name))
         _, stats = _tokens(lm, conds, name, n=8)
         assert (name == "own") == ("own decode step with SDPA" in stats.notes), stats.notes
-    monkeypatch.setattr(static_decode._Decoder, "step", real)
-    assert len(seen["hf"]) == len(seen["own"]) == 7
+    # 7 decode steps; on the own step the first is the check (both steps, outside `forward`)
+    assert len(seen["hf"]) == 7 and len(seen["own"]) == 6
     scale = max(float(t.abs().max()) for t in seen["hf"])
-    worst = max(float((a - b).abs().max()) for a, b in zip(seen["hf"], seen["own"]))
+    worst = max(float((a - b).abs().max()) for a, b in zip(seen["hf"][1:], seen["own"]))
     assert worst < 1e-5 * scale, (worst, scale)
 
 
-def test_own_step_stops_like_hf_generate():
+def test_own_step_stops_like_hf_generate(monkeypatch):
+    from refusal_direction.accel import static_decode
+
+    kept = []
+    real = static_decode._check_own_step
+
+    def spy(dec, notes):
+        made = real(dec, notes)
+        kept.append(dec.own is not None)
+        return made
+
+    monkeypatch.setattr(static_decode, "_check_own_step", spy)
     lm = tiny_arch("gemma")
     settings = GenerationSettings(max_new_tokens=20, stop_at_end_of_turn=True)
     ivs = conditions(lm)
@@ -82,6 +84,8 @@ def test_own_step_stops_like_hf_generate():
     for iv in ivs:
         assert [g.token_ids for g in got[iv.name]] == [g.token_ids for g in want[iv.name]]
         assert [g.stopped for g in got[iv.name]] == [g.stopped for g in want[iv.name]]
+    assert kept == [True]  # the own step decoded the second call's batch
+    assert any(g.stopped for iv in ivs for g in got[iv.name])  # and some rows did stop early
 
 
 def test_other_interventions_keep_hf_step_with_the_reason():
@@ -103,6 +107,22 @@ def test_unrecognised_blocks_keep_hf_step(caplog):
     want, _ = _tokens(lm, conds, "hf", n=6)
     assert got == want
     assert any("not a standard pre-norm decoder" in n for n in stats.notes), stats.notes
+    assert "sweep forward unavailable for gpt2" in caplog.text
+
+
+def test_models_with_hooks_of_their_own_keep_hf_step():
+    lm = tiny_arch("qwen2")
+    conds = conditions(lm)
+    seen = []
+    handle = lm.blocks[1].block.mlp.register_forward_hook(lambda m, a, out: seen.append(1))
+    try:
+        got, stats = _tokens(lm, conds, "own", n=5)
+    finally:
+        handle.remove()
+    assert any("own decode step unavailable (the model's own hooks on mlp)" in n for n in stats.notes), stats.notes
+    assert len(seen) == 5  # the prefill and every decode step ran the hooked module
+    want, _ = _tokens(lm, conds, "hf", n=5)
+    assert got == want
 
 
 def test_bad_step_is_refused():
@@ -128,7 +148,22 @@ def test_row_interventions_follow_the_hooks_forms():
 def test_decoder_is_kept_until_a_weight_changes():
     lm = tiny_arch("gemma")
     first = decoder_for(lm, fuse=True)
-    assert decoder_for(lm, fuse=True) is first and lm.extra[OWN_DECODER][2] is first
+    assert decoder_for(lm, fuse=True) is first and lm.extra[BUILT_DECODER][2] is first
     with torch.no_grad():
         lm.model.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.5)
     assert decoder_for(lm, fuse=True) is not first
+
+
+def test_a_wrong_own_step_is_caught_on_the_first_step(monkeypatch):
+    """Each batch's first decode step runs on both steps: an own step whose logits differ is dropped for HF's."""
+    from refusal_direction.accel.own_step import OwnStep
+
+    lm = tiny_arch("llama")
+    conds = conditions(lm)
+    want, _ = _tokens(lm, conds, "hf", n=10)
+    real = OwnStep.__call__
+    monkeypatch.setattr(OwnStep, "__call__", lambda self: real(self) * 0.5)  # a planted bug: halved logits
+    got, stats = _tokens(lm, conds, "own", n=10)
+    assert got == want  # HF's step decoded the batch, from the checked step on
+    assert any(n.startswith("own decode step unavailable (first step") for n in stats.notes), stats.notes
+    assert not any(n.startswith("own decode step with") for n in stats.notes)

@@ -267,3 +267,25 @@ def test_checked_sweep_decoder_is_reused_until_a_weight_changes(tiny_lm, setup):
         tiny_lm.blocks[1].attn_out.q_proj.weight.mul_(1.0)
     score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:2], refusal_ids=ids, layers=[1, 2])
     assert tiny_lm.extra[CHECKED_DECODER][2] is not decoder
+
+
+def test_a_failed_opening_check_is_remembered_with_the_checked_decoder(tiny_lm, setup, caplog, monkeypatch):
+    """The cached check keeps the opening it verified: after the opening failed its check, a later sweep asking for
+    the same opening gets full passes without it, not the unverified shortcut."""
+    import refusal_direction.selection.logits as logits
+    from refusal_direction.selection import CHECKED_DECODER
+
+    candidates, ids = setup
+    tiny_lm.extra.pop(CHECKED_DECODER, None)
+
+    def refuse(*args, **kwargs):
+        raise TypeError("this model takes no past_key_values")
+
+    monkeypatch.setattr(logits, "opening_cache", refuse)
+    score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2])
+    assert tiny_lm.extra[CHECKED_DECODER][3] == ()
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO, logger="refusal_direction.selection")
+    score_candidates(tiny_lm, candidates, HARMFUL[:2], HARMLESS[:3], refusal_ids=ids, layers=[1, 2])
+    assert "sweep forward (fast_forward)" in caplog.text and "opening shared" not in caplog.text
+    tiny_lm.extra.pop(CHECKED_DECODER, None)

@@ -16,8 +16,7 @@ Mistral, Qwen2, Gemma, ... — found by inspecting the model, with the sweep's i
   position whose logits are read;
 - queries, keys and values come from one matrix product;
 - grouped-query attention reads each KV head for its query heads (SDPA's ``enable_gqa``) where flash attention
-  takes it (CUDA, bf16/fp16), instead of copying keys and values per query head (1.8 s of copies, with the
-  prefix's concatenations, in the 8B-shape sweep's profile);
+  takes it (CUDA, bf16/fp16), instead of copying keys and values per query head (not yet measured on a GPU);
 - on CUDA with Triton (`triton_kernels`), ablation + residual add + ablation + addition + the next RMSNorm
   are one kernel, act(gate) · up is one, the rotary embedding of queries and keys is one. Each is used only
   if it reproduces its PyTorch chain on probe inputs (`sweep_kernels.Kernels.build`).
@@ -263,6 +262,28 @@ class SweepDecoder:
         return logits
 
 
+BUILT_DECODER = "sweep_decoder_built"  # key in LoadedModel.extra: (weights key, fuse, SweepDecoder)
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is replaced or edited in place (e.g. by weight orthogonalization)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def shared_decoder(lm: LoadedModel, fuse: bool = True) -> SweepDecoder | None:
+    """``SweepDecoder.for_model(lm, fuse)``, built once per model and kept in ``lm.extra`` until a weight changes:
+    the selection sweep and the own decode step share it, and with it the one concatenated q/k/v weight copy."""
+    key = weights_key(lm.model)
+    cached = lm.extra.get(BUILT_DECODER)
+    if cached is not None and cached[:2] == (key, fuse) and cached[2].lm is lm:
+        return cached[2]
+    lm.extra.pop(BUILT_DECODER, None)  # the old copy goes before a new one is made
+    decoder = SweepDecoder.for_model(lm, fuse)  # None is not kept: the reason may lie outside the weights
+    if decoder is not None:
+        lm.extra[BUILT_DECODER] = (key, fuse, decoder)
+    return decoder
+
+
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Keys or values [rows, n_kv, len, hd] for every query head (a view when n_kv = 1; HF's repeat_kv otherwise)."""
     rows, n_kv, length, hd = x.shape
@@ -272,17 +293,22 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _flash_takes_gqa(like: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> bool:
-    """Whether SDPA runs grouped-query attention of these shapes on flash attention (unexpanded K/V), causal and
-    with the prefix's lower-right causal mask; elsewhere (CPU, float32, no flash) ``enable_gqa`` may fall back to
-    the math kernel, slower than expanding K/V for the memory-efficient one."""
+    """Whether flash attention takes grouped-query K/V unexpanded for both calls `SweepDecoder._run` makes: causal
+    over equal query and key lengths (no prefix), and — with the prefix's lower-right `CausalBias` — the
+    non-causal parameters SDPA's bias dispatch checks before it calls the flash kernel itself (flash refuses
+    ``is_causal`` with unequal lengths). Elsewhere (CPU, float32, no flash) K/V are expanded as before, since
+    ``enable_gqa`` might then run on the math kernel."""
     if like.device.type != "cuda" or like.dtype not in (torch.bfloat16, torch.float16):
         return False
     try:
         from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-        q = torch.empty(2, n_heads, 8, head_dim, device=like.device, dtype=like.dtype)
-        k = torch.empty(2, n_kv, 12, head_dim, device=like.device, dtype=like.dtype)
-        return bool(can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, True, True)))
+        def probe(q_len: int, k_len: int, causal: bool) -> bool:
+            q = torch.empty(2, n_heads, q_len, head_dim, device=like.device, dtype=like.dtype)
+            k = torch.empty(2, n_kv, k_len, head_dim, device=like.device, dtype=like.dtype)
+            return bool(can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, causal, True)))
+
+        return probe(8, 8, True) and probe(8, 12, False)
     except (ImportError, TypeError, RuntimeError) as exc:  # torch without enable_gqa in SDPAParams
         log.info("grouped-query flash attention unavailable (%s): K/V expanded per query head", exc)
         return False

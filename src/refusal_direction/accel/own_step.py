@@ -17,10 +17,17 @@ decoder's pieces instead, reading and writing the `StaticCache` HF's prefill fil
 - attention: the Triton `decode_attention` kernel where `folded_attention` verified it (CUDA, bf16/fp16), else
   SDPA with the query heads of each KV head folded into query rows, under a boolean mask of the written slots.
 
-Every buffer address is fixed, so the step is captured as a CUDA graph like HF's. On CPU in float32 the tokens
-equal HF's step (tests); the element-wise kernels are the sweep's, each verified on probes before use. Chosen
-with ``step="own"`` (`fast_generation.generate_fast`); HF's step stays the default until this one is measured on
-a GPU (BENCHMARKS.md).
+Every buffer address is fixed, so the step can be captured as a CUDA graph like HF's (tests/gpu has the check; it
+has not run on a GPU yet). On CPU in float32 the tokens equal HF's step (tests, also under Triton's interpreter
+with every kernel a GPU would use, and on the real Qwen2.5-Coder-0.5B); the element-wise kernels are the sweep's,
+each verified on probes before use, and each batch's first decode step runs on both steps
+(`static_decode._Decoder.checked_own_step`): the own step goes on only if its logits are HF's within
+`OWN_STEP_TOLERANCE`. Chosen with ``step="own"`` (`fast_generation.generate_fast`); HF's step stays the default
+until this one is measured on a GPU — its speed is not known yet.
+
+Not for models that carry hooks of their own on their decoder layers (the own step would skip them): those keep
+HF's step (`foreign_hooks`). The step writes the cache's tensors but not `StaticLayer`'s length counter, so the cache
+is not handed back to HF's forward afterwards.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ import torch.nn.functional as F
 
 from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, unit
 from ..core.model import LoadedModel
-from .fast_forward import RowInterventions, SweepDecoder
+from .fast_forward import RowInterventions, SweepDecoder, shared_decoder
 from .folded_attention import decode_kernel_for
 
 log = logging.getLogger(__name__)
 
 STEPS = ("hf", "own")  # the decode step: HF's model forward with hooks, or `OwnStep`
-OWN_DECODER = "own_step_decoder"  # key in LoadedModel.extra: (weights key, fuse, SweepDecoder)
+OWN_STEP_TOLERANCE = 5e-2  # largest relative logit difference from HF's step on a batch's first step (as selection's)
 
 
 def row_interventions(lm: LoadedModel, interventions: Sequence, condition: torch.Tensor) -> RowInterventions | str:
@@ -69,15 +76,8 @@ def row_interventions(lm: LoadedModel, interventions: Sequence, condition: torch
 
 
 def decoder_for(lm: LoadedModel, fuse: bool) -> SweepDecoder | None:
-    """The model's `SweepDecoder` (kept in ``lm.extra`` until a weight changes), or None if it has none."""
-    key = tuple((p.data_ptr(), p._version) for p in lm.model.parameters())
-    cached = lm.extra.get(OWN_DECODER)
-    if cached is not None and cached[:2] == (key, fuse) and cached[2].lm is lm:
-        return cached[2]
-    decoder = SweepDecoder.for_model(lm, fuse)
-    if decoder is not None:
-        lm.extra[OWN_DECODER] = (key, fuse, decoder)
-    return decoder
+    """The model's `SweepDecoder`, shared with the selection sweep (`fast_forward.shared_decoder`), or None."""
+    return shared_decoder(lm, fuse)
 
 
 class OwnStep:
@@ -98,6 +98,7 @@ class OwnStep:
         self.mask = torch.zeros(n, 1, 1, cache_len, dtype=torch.bool, device=ids.device)  # [rows, 1, 1, cache_len]
         self.mask[:, 0, 0, :length] = prompt_mask.bool()
         self.added = [rows.added_at(layer) for layer in range(len(decoder.blocks))]  # [rows, d] or None each
+        self.attention_name = "SDPA" if attention is None else "the decode attention kernel"
 
     def __call__(self) -> torch.Tensor:
         dec, k, u = self.decoder, self.decoder.kernels, self.rows.dirs
@@ -136,10 +137,22 @@ class OwnStep:
         return logits
 
 
+def foreign_hooks(lm: LoadedModel) -> str:
+    """Modules of the decoder layers that carry forward hooks ("" if none), for a look before the fast path adds
+    its own: the own step does not run those modules' forwards, so it would skip such hooks."""
+    hooked = [name for site in lm.blocks for name, m in site.block.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    return ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+
+
 def own_step_for(lm: LoadedModel, cache, prompt_mask: torch.Tensor, condition: torch.Tensor,
                  interventions: Sequence, ids: torch.Tensor, position: torch.Tensor, fuse: bool,
-                 notes: list[str]) -> OwnStep | None:
-    """An `OwnStep` for this batch, or None with the reason in ``notes`` (HF's step then decodes)."""
+                 notes: list[str], hooks: str = "") -> OwnStep | None:
+    """An `OwnStep` for this batch, or None with the reason in ``notes`` (HF's step then decodes). ``hooks``:
+    `foreign_hooks` of the model before the fast path's contexts were entered."""
+    if hooks:
+        notes.append(f"own decode step unavailable (the model's own hooks on {hooks}): HF's step")
+        return None
     rows = row_interventions(lm, interventions, condition)
     if isinstance(rows, str):
         notes.append(f"own decode step unavailable ({rows}): HF's step")
@@ -155,8 +168,8 @@ def own_step_for(lm: LoadedModel, cache, prompt_mask: torch.Tensor, condition: t
         notes.append("own decode step unavailable (query heads not a multiple of KV heads): HF's step")
         return None
     attention = decode_kernel_for(lm.model, lm.model.config.get_text_config(), notes) if fuse else None
-    notes.append("own decode step" + (" with the decode attention kernel" if attention else " with SDPA"))
     return OwnStep(decoder, cache, prompt_mask, rows, ids, position, attention)
 
 
-__all__ = ["OWN_DECODER", "STEPS", "OwnStep", "decoder_for", "own_step_for", "row_interventions"]
+__all__ = ["OWN_STEP_TOLERANCE", "STEPS", "OwnStep", "decoder_for", "foreign_hooks", "own_step_for",
+           "row_interventions"]

@@ -1,10 +1,11 @@
 """One batch of the fast path: prefill into a `StaticCache`, then single-token decode steps, then the cut rows.
 
 Rows are ``condition x prompt`` (row ``c * n_prompts + i`` is prompt i under intervention c). The prompts are
-left-padded and prefilled once; the decode step (HF forward, argmax and bookkeeping, all on the device) writes
-into static buffers (`_Decoder`), so it is captured once as a CUDA graph and replayed, compiled, or run
-eagerly. The host checks "all rows finished?" every `CHECK_EVERY` steps; rows that finished earlier keep
-decoding and are cut at their first stop token afterwards, which is what HF ``generate`` returns too.
+left-padded and prefilled once; the decode step (HF's forward with the hooks, or `own_step.OwnStep`; argmax and
+bookkeeping, all on the device) writes into static buffers (`_Decoder`), so it is captured once as a CUDA graph and
+replayed, compiled, or run eagerly. The host checks "all rows finished?" every `CHECK_EVERY` steps; rows that
+finished earlier keep decoding and are cut at their first stop token afterwards, which is what HF ``generate``
+returns too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..core.padding import left_pad, pad_id, position_ids
 from ..core.stacked import apply_interventions
 from .folded_attention import folded_gqa_attention
 from .fusion import fused_kernels, restricted_sdpa
-from .own_step import own_step_for
+from .own_step import OWN_STEP_TOLERANCE, foreign_hooks, own_step_for
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,34 @@ class _Decoder:
         self.tokens[:, 0] = first
         self.index = torch.ones(1, dtype=torch.long, device=first.device)  # column the next token goes to
         self.done = (first[:, None] == stop).any(-1)  # [rows]
-        self.forward: Callable[[], torch.Tensor] = self.hf_forward  # replaced by `own_step.OwnStep` when chosen
+        self.own: Callable[[], torch.Tensor] | None = None  # `own_step.OwnStep` when chosen (no bound method here:
+        # that would make the decoder refer to itself and keep its cache alive until the cyclic collector runs)
 
     def hf_forward(self) -> torch.Tensor:
         """HF's model forward (with the interventions' hooks) for the fed token: logits [rows, vocab]."""
         return self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position,
                           past_key_values=self.cache, use_cache=True).logits[:, -1]  # [rows, vocab]
 
+    def forward(self) -> torch.Tensor:
+        """Logits [rows, vocab] of the fed token: the own step's if one is set, else HF's forward."""
+        return self.own() if self.own is not None else self.hf_forward()
+
     def step(self) -> None:
-        nxt = self.forward().argmax(-1)  # [rows]
+        self.advance(self.forward())
+
+    def checked_own_step(self) -> float:
+        """One decode step by the own step and by HF's forward, which then overwrites the new slot's keys and
+        values with its own; HF's logits advance the decoder, so either step can go on from here. Returns the
+        relative difference of the two steps' logits (one host sync)."""
+        own = self.own().float()
+        ref = self.hf_forward()
+        self.advance(ref)
+        ref = ref.float()
+        return float((own - ref).norm() / (ref - ref.mean(-1, keepdim=True)).norm().clamp_min(1e-30))
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Greedy token of ``logits`` [rows, vocab] into the buffers: the next step's input, stops, the count."""
+        nxt = logits.argmax(-1)  # [rows]
         self.tokens.index_copy_(1, self.index, nxt[:, None])
         self.done.logical_or_((nxt[:, None] == self.stop).any(-1))
         self.ids.copy_(nxt[:, None])
@@ -110,6 +130,7 @@ def generate_chunk(
     if not keep:
         notes.append("forward has no logits_to_keep: prefill computes logits for every position")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hooks = foreign_hooks(lm) if step == "own" else ""  # before the contexts below add the fast path's
 
     with contextlib.ExitStack() as stack:
         if stack.enter_context(folded_gqa_attention(model, decode_kernel=fuse, notes=notes)):
@@ -124,14 +145,14 @@ def generate_chunk(
         dec = _prefill(model, ids, mask, position, stop_t, max_new_tokens, keep)
         sync()
         prefill_s = time.perf_counter() - t0
-        if step == "own":
-            own = own_step_for(lm, dec.cache, mask[:, :length], condition, interventions, dec.ids, dec.position,
-                               fuse, notes)
-            if own is not None:
-                dec.forward = own
+        produced = 1
+        if step == "own" and max_new_tokens > 1:
+            dec.own = own_step_for(lm, dec.cache, mask[:, :length], condition, interventions, dec.ids, dec.position,
+                                   fuse, notes, hooks)
+            produced += _check_own_step(dec, notes)
         mode = _decode_mode(mode, dec.cache, max_new_tokens, notes)
         tokens, produced, capture_s, decode_s, mode = _decode(dec, mode, max_new_tokens, force_tokens, progress,
-                                                              sync, notes)
+                                                              sync, notes, produced)
 
     out = _cut_rows(tokens, stop, force_tokens)
     stats = FastStats(n_rows, 1, length, produced, prefill_s, capture_s, decode_s, mode, tuple(notes))
@@ -164,6 +185,23 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tenso
     return _Decoder(model, cache, mask, logits[:, -1].argmax(-1), position[:, -1:] + 1, stop, max_new_tokens)
 
 
+def _check_own_step(dec: _Decoder, notes: list[str]) -> int:
+    """The batch's first decode step on both steps (`_Decoder.checked_own_step`); the own step goes on only if its
+    logits are HF's within `OWN_STEP_TOLERANCE`. Returns the steps made (0 without an own step, else 1)."""
+    if dec.own is None:
+        return 0
+    err = dec.checked_own_step()
+    if err <= OWN_STEP_TOLERANCE:
+        notes.append(f"own decode step with {dec.own.attention_name}")
+        notes.append(f"own decode step checked on the batch's first step: relative logit difference {err:.1e}")
+    else:
+        log.warning("own decode step differs from HF's step on this batch's first step (relative logit difference "
+                    "%.3g > %.3g); decoding with HF's step", err, OWN_STEP_TOLERANCE)
+        notes.append(f"own decode step unavailable (first step {err:.2g} from HF's): HF's step")
+        dec.own = None
+    return 1
+
+
 def _decode_mode(mode: str, cache, max_new_tokens: int, notes: list[str]) -> str:
     """``mode``, or "eager" where graphs cannot help (sliding-window cache layers, too few steps)."""
     plain_layers = all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
@@ -176,14 +214,15 @@ def _decode_mode(mode: str, cache, max_new_tokens: int, notes: list[str]) -> str
 
 
 def _decode(dec: _Decoder, mode: str, max_new_tokens: int, force_tokens: bool, progress: bool,
-            sync: Callable[[], None], notes: list[str]) -> tuple[torch.Tensor, int, float, float, str]:
-    """Decode steps after the prefill's token: (tokens [rows, produced] on the host, produced, capture seconds,
-    decode seconds, the mode that ran)."""
+            sync: Callable[[], None], notes: list[str], produced: int = 1
+            ) -> tuple[torch.Tensor, int, float, float, str]:
+    """Decode steps after the ``produced`` tokens made so far (the prefill's, the own step's check): (tokens [rows,
+    produced] on the host, produced, capture seconds, decode seconds, the mode that ran)."""
     device = dec.tokens.device
-    produced, capture_s = 1, 0.0
+    capture_s = 0.0
     t0 = time.perf_counter()
     bar = _bar(progress, max_new_tokens)
-    bar.update(1)
+    bar.update(produced)
     step = dec.step
     if mode == "compile":  # experimental: the first call compiles, counted as capture time
         step = _compiled_step(dec)
@@ -217,7 +256,8 @@ def _decode(dec: _Decoder, mode: str, max_new_tokens: int, force_tokens: bool, p
 
 
 def _compiled_step(dec: _Decoder) -> Callable[[], None]:
-    for buf in (dec.ids, dec.position, dec.tokens, dec.index, dec.done, dec.mask):
+    own = [dec.own.slot, dec.own.mask] if dec.own is not None else []
+    for buf in [dec.ids, dec.position, dec.tokens, dec.index, dec.done, dec.mask, *own]:
         torch._dynamo.mark_static_address(buf)
     return torch.compile(dec.step, mode="reduce-overhead")
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions
+from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions, shared_decoder, weights_key
 from ..core.interventions import per_row_interventions
 from ..core.model import LoadedModel
 from ..core.padding import device_tensor
@@ -33,7 +33,8 @@ from .prefix import Prefix, capture_prefix, replay, replay_matches
 log = logging.getLogger(__name__)
 
 OPENING_BYTES = 2**30  # most memory for the openings' keys and values under every intervention (sweep forward)
-CHECKED_DECODER = "sweep_decoder"  # key in LoadedModel.extra: (weights key, settings, SweepDecoder that matched)
+CHECKED_DECODER = "sweep_decoder"  # key in LoadedModel.extra: (weights key, settings, SweepDecoder that matched,
+# the opening it was checked with: the asked-for one, or none where sharing it did not reproduce full passes)
 
 
 def _distinct(cands: Sequence[int], induce: Sequence[bool]) -> tuple[list[tuple[int, bool]], list[int]]:
@@ -149,11 +150,6 @@ class FastPasses:
                                    self._slots(cands, [True] * len(cands)))
 
 
-def _weights_key(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter is replaced or edited in place (e.g. by weight orthogonalization)."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
 def choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int], check: Sequence[Sequence[int]],
                   finite: torch.Tensor, fast_forward: bool, fuse: bool) -> HFPasses | FastPasses:
     """The sweep forward if it supports ``lm`` and matches HF's forward with hooks, else HF's forward (with the
@@ -162,18 +158,18 @@ def choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int]
     settings = (fuse, tuple(opening), lm.device, lm.dtype)
     if fast_forward:
         cached = lm.extra.get(CHECKED_DECODER)
-        if cached is not None and cached[2].lm is lm and cached[:2] == (_weights_key(lm.model), settings):
-            return FastPasses(cached[2], unit_dirs, add_vecs, keys, opening)
+        if cached is not None and cached[2].lm is lm and cached[:2] == (weights_key(lm.model), settings):
+            return FastPasses(cached[2], unit_dirs, add_vecs, keys, list(cached[3]))  # the opening as checked
     if opening and not opening_matches(lm, opening, check[:8], last_logits(lm, check[:8])):
         opening = []
     reference = HFPasses(lm, unit_dirs, add_vecs, keys, opening)
-    decoder = SweepDecoder.for_model(lm, fuse) if fast_forward else None
+    decoder = shared_decoder(lm, fuse) if fast_forward else None
     if decoder is None:
         return reference
     fast = FastPasses(decoder, unit_dirs, add_vecs, keys, opening)
     if not _fast_matches(fast, reference, check, finite):
         return reference
-    lm.extra[CHECKED_DECODER] = (_weights_key(lm.model), settings, decoder)
+    lm.extra[CHECKED_DECODER] = (weights_key(lm.model), settings, decoder, tuple(opening))
     return fast
 
 
