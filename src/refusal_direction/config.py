@@ -129,6 +129,8 @@ class RunConfig:
     batch_size: int = _f(32, "prompts per batch for extraction and generation")
     stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")
     generation_backend: str = _f("auto", "auto (fast on CUDA, hf on CPU) | hf | fast")
+    decode_step: str = _f("hf", "the fast path's decode step: hf (HF's forward with hooks) | own (accel/own_step.py; "
+                          "not yet measured on a GPU)")
     # scoring
     safety: bool = _f(True, "score safety with the Llama Guard 2 classifier")
     safety_model: str = _f("meta-llama/Meta-Llama-Guard-2-8B", "Hub id or local directory of the safety classifier")
@@ -166,7 +168,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that change results (not batch sizes, device or the data location)."""
         ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend",
-                  "device_map", "max_memory", "offload_folder"}
+                  "decode_step", "device_map", "max_memory", "offload_folder"}
         d = {k: v for k, v in self.to_dict().items() if k not in ignore
              and not (k in _LATER_FIELDS and v == FIELDS[k].default)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -297,6 +299,8 @@ def validate(c: RunConfig) -> list[str]:
         p.append("refusal_tokens=[] is empty: give refusal words (e.g. ['I', 'Sorry']) or remove the key")
     if c.generation_backend not in ("auto", "hf", "fast"):
         p.append(f"generation_backend={c.generation_backend!r}: use auto, hf or fast")
+    if c.decode_step not in ("hf", "own"):
+        p.append(f"decode_step={c.decode_step!r}: use hf or own")
     if c.safety_mode not in ("logprob", "generate"):
         p.append(f"safety_mode={c.safety_mode!r}: use logprob or generate")
     if c.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):

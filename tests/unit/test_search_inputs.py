@@ -28,7 +28,8 @@ def test_compare_refuses_bad_options_before_loading(tmp_path, methods, n_xstest,
 @pytest.mark.parametrize("key, value, needle", [("select_rule", "nope", "select_rule='nope': use generation or paper"),
                                                ("device_map", "nope", "device_map='nope': use auto"),
                                                ("select_train_prompts", -1, "select_train_prompts=-1 must be 0"),
-                                               ("select_train_prompts", "many", "expected an integer")])
+                                               ("select_train_prompts", "many", "expected an integer"),
+                                               ("decode_step", "fused", "decode_step='fused': use hf or own")])
 def test_new_config_values_are_checked(key, value, needle):
     from refusal_direction.config import build_config
     from refusal_direction.errors import UserErrors

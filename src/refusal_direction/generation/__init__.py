@@ -82,6 +82,7 @@ def generate_sets(
     backend: str = "auto",
     on_done=None,
     partial=None,
+    step: str = "hf",
 ) -> list[dict[str, list[Generated]]]:
     """Several prompt sets, each under its own interventions: per set, {intervention name: completions}.
 
@@ -89,14 +90,15 @@ def generate_sets(
     several sets is one condition); on HF generate the sets run one after another, a condition at a time.
     ``on_done(set index, name, completions, seconds)`` is called as each (set, condition) finishes.
     ``partial`` (`accel.partial.PartialResults`): on the fast path, where each finished batch's rows are kept
-    and from where an interrupted call's rows are taken instead of being decoded again."""
+    and from where an interrupted call's rows are taken instead of being decoded again. ``step``: the fast
+    path's decode step ("hf" or "own", `accel.own_step`)."""
     import time
 
     if choose_backend(lm, backend) == "fast":
         from ..accel import generate_fast_sets
 
         t0 = time.perf_counter()
-        extra = {} if partial is None else {"partial": partial}
+        extra = {"step": step} if partial is None else {"partial": partial, "step": step}
         out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, progress, **extra)
         if on_done is not None:
             for k, per_set in enumerate(out):

@@ -70,7 +70,7 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
             partial.remove()
     t0 = time.perf_counter()
     generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done,
-                  partial=partial)
+                  partial=partial, step=c.decode_step)
     run.timing("generate_s", time.perf_counter() - t0)  # every set (on the fast path: one shared batch)
     if partial is not None:
         partial.remove()
