@@ -113,11 +113,12 @@ def profile_sweep(lm, n: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from refusal_direction.bench import sweep_inputs
+    from refusal_direction.bench import selection_log, sweep_inputs
     from refusal_direction.selection import score_candidates
 
     candidates, harmful, harmless, refusal_ids = sweep_inputs(lm, n, 0)
-    score_candidates(lm, candidates, harmful, harmless, refusal_ids=refusal_ids)  # warm-up (cold call)
+    with selection_log() as lines:  # which forward the sweep runs (the own one falls back if its check fails)
+        score_candidates(lm, candidates, harmful, harmless, refusal_ids=refusal_ids)  # warm-up (cold call)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -125,6 +126,7 @@ def profile_sweep(lm, n: int) -> dict:
         torch.cuda.synchronize()
     table = kernel_table(prof)
     table["wall_s_profiled"] = time.perf_counter() - t0
+    table["forward_log"] = [x for x in lines if "forward" in x or "reproduce" in x or "unavailable" in x]
     return table
 
 

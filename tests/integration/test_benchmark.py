@@ -24,6 +24,9 @@ def test_benchmark_runs_on_cpu_with_the_tiny_model():
     for name in ("baseline", "ablation"):
         assert f"agreement with (a) [{name}]: 8/8 rows identical, 100.0% of tokens" in report, report
     assert f"x 2 conditions x 16 forced new tokens = {8 * 16 * 2} tokens" in report
+    sel = r["selection"]  # which forward the sweep ran is recorded (its own forward on the tiny Gemma)
+    assert sel["forward"] == "own" and any("sweep forward (fast_forward)" in x for x in sel["log"]), sel["log"]
+    assert "the sweep's own forward" in report
     own = r["own_step"]  # the own decode step, run beside HF's: float32 on CPU, the same tokens
     assert own["used"] and own["identical_to_hf_step"], own["notes"]
     assert "fast path on the own decode step" in report and "16/16 rows identical to HF's step" in report, report

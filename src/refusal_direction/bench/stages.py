@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from typing import Iterator
 
 import torch
 
@@ -40,6 +43,29 @@ def sweep_inputs(lm: LoadedModel, n: int = 32, seed: int = 0):
     return candidates, harmful, harmless, [int(lm.extra.get("first_body_id", 8))]
 
 
+@contextlib.contextmanager
+def selection_log() -> Iterator[list[str]]:
+    """The selection and sweep-forward log lines (INFO and up) emitted inside the block."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    loggers = [logging.getLogger(n) for n in ("refusal_direction.selection", "refusal_direction.accel")]
+    levels = [lg.level for lg in loggers]
+    handler = Keep(logging.INFO)
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
 def time_selection(lm: LoadedModel, n: int = 32, seed: int = 0, repeats: int = 2, ceilings: dict | None = None,
                    **options) -> dict:
     """`selection.score_candidates` over every (position, layer) candidate with n harmful + n harmless prompts:
@@ -56,10 +82,14 @@ def time_selection(lm: LoadedModel, n: int = 32, seed: int = 0, repeats: int = 2
         sync(lm)
         return time.perf_counter() - t0
 
-    cold = once()
+    with selection_log() as lines:
+        cold = once()
     warm = [once() for _ in range(repeats)]
     out = {"candidates": n_pos * lm.n_layers, "prompts": 2 * n, "seconds": sorted(warm)[len(warm) // 2] if warm
-           else cold, "cold_s": cold, "warm_s": warm, "options": options, "target_s": 2.0}
+           else cold, "cold_s": cold, "warm_s": warm, "options": options, "target_s": 2.0,
+           # which forward the sweep ran, and why (a failed check of the own forward falls back to HF's)
+           "forward": "own" if any("sweep forward (fast_forward)" in x for x in lines) else "hf",
+           "log": [x for x in lines if "forward" in x or "reproduce" in x or "unavailable" in x]}
     if ceilings:
         out["floor"] = selection_floor(lm, harmful, harmless, n_pos, ceilings)
     return out
