@@ -40,7 +40,10 @@ def test_grouped_query_attention_runs_unexpanded_on_flash_bf16():
     dirs, adds, layers = row_interventions(lm, len(seqs))
     rows = RowInterventions(dirs.to("cuda", torch.bfloat16), adds.to("cuda", torch.bfloat16), layers)
     slots = torch.arange(len(seqs), device="cuda")
-    with torch.no_grad():
+    from refusal_direction.core.sdpa import restricted_sdpa
+
+    # under the SDPA restriction selection's sweep runs in (memory-efficient, math): flash is still asked for
+    with torch.no_grad(), restricted_sdpa(torch.device("cuda"), ("efficient", "math")):
         prefix = decoder.kv_prefix(seqs[0][:4], rows, len(seqs))
         # with the prefix (lower-right causal mask) and without it (is_causal over equal lengths)
         native = [decoder.last_logits([s[4:] for s in seqs], rows, prefix, slots), decoder.last_logits(seqs, rows)]

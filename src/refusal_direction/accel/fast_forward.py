@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..core.model import LoadedModel
 from ..core.padding import device_tensor, pad_id
@@ -236,9 +237,12 @@ class SweepDecoder:
             if prefix is not None:
                 key = torch.cat([prefix.keys[layer].index_select(0, slots), key], dim=2)
                 value = torch.cat([prefix.values[layer].index_select(0, slots), value], dim=2)
-            if self.native_gqa:  # flash attention reads each KV head for its query heads: no copy
-                attn = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                                      scale=block.scaling, enable_gqa=True)  # [n, heads, seq, hd]
+            if self.native_gqa:  # flash attention reads each KV head for its query heads: no copy. Flash is
+                # asked for explicitly: only it takes enable_gqa, and the sweep runs under selection's SDPA
+                # restriction (memory-efficient, math), where enable_gqa would fall back to the math kernel
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    attn = F.scaled_dot_product_attention(q, key, value, attn_mask=attn_mask, scale=block.scaling,
+                                                          is_causal=attn_mask is None, enable_gqa=True)
             else:
                 attn = F.scaled_dot_product_attention(
                     q, _heads(key, self.n_heads), _heads(value, self.n_heads), attn_mask=attn_mask,
