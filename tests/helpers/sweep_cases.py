@@ -12,18 +12,23 @@ PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea.", "What i
 
 
 def tiny_arch(arch: str):
-    """A 3-layer tiny model of ``arch`` ("gemma", "llama" or "qwen2"), randomized norms (and q/k/v biases)."""
+    """A 3-layer tiny model of ``arch`` ("gemma", "llama", "qwen2" or "qwen3"), randomized norms (and q/k/v biases
+    for qwen2; per-head q/k norms for qwen3)."""
     if arch == "gemma":
         return tiny_gemma(n_layers=3)
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     tok = tiny_gemma_tokenizer()
     torch.manual_seed(1)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
                   eos_token_id=1, bos_token_id=2, tie_word_embeddings=False, initializer_range=0.2)
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama"
-             else Qwen2ForCausalLM(Qwen2Config(**common)))
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3":  # head_dim 32 > hidden / heads, as Qwen3 models have
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
     if arch == "qwen2":  # random q/k/v biases (default init is zero and would hide a dropped bias)
         with torch.no_grad():
             for name, p in model.named_parameters():

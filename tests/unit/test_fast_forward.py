@@ -15,7 +15,7 @@ from tests.helpers.sweep_cases import prompt_ids, reference_logits, row_interven
 from tests.helpers.tiny import tiny_gemma_tokenizer
 
 
-@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2", "qwen3"])
 def lm(request):
     return tiny_arch(request.param)
 

@@ -20,7 +20,7 @@ from tests.helpers.sweep_cases import tiny_arch
 from tests.helpers.tiny import tiny_family_lm
 
 
-@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2"])
+@pytest.fixture(scope="module", params=["gemma", "llama", "qwen2", "qwen3"])
 def lm(request):
     return tiny_arch(request.param)
 

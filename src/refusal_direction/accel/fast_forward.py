@@ -4,8 +4,9 @@ HF's forward with per-row hooks (selection's reference path) spends about a thir
 sweep on small element-wise kernels: every residual add, every ablation (two kernels), every RMSNorm, the
 activation and its product, the rotary embedding, plus the padding mask. `SweepDecoder` runs the same
 computation for the standard pre-norm decoder block — input RMSNorm, self-attention (q/k/v/o projections,
-rotary position embedding), residual add, RMSNorm, gated MLP (down(act(gate) · up)), residual add; Llama,
-Mistral, Qwen2, Gemma, ... — found by inspecting the model, with the sweep's interventions built in:
+optionally per-head q/k RMSNorms, rotary position embedding), residual add, RMSNorm, gated MLP (down(act(gate) ·
+up)), residual add; Llama, Mistral, Qwen2, Qwen3, Gemma, ... — found by inspecting the model, with the sweep's
+interventions built in:
 
 - row b has its own unit direction ablated at every block input and every attention and MLP output (a zero
   row: none) and its own vector added at one block's input (`RowInterventions`), as `selection`'s hooks do;
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3's per-head RMSNorms of queries and keys (optional, both or neither)
 MLP_CHILDREN = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -135,7 +137,8 @@ class SweepDecoder:
             blocks.append(BlockWeights(
                 layer.input_layernorm, layer.post_attention_layernorm,
                 torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(), bias,
-                attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, float(attn.scaling)))
+                attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn, float(attn.scaling),
+                getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)))
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         return cls(lm, blocks, decoder.embed_tokens, decoder.rotary_emb, lm.model.get_output_embeddings(),
                    int(cfg.num_attention_heads), int(cfg.num_key_value_heads), head_dim,
@@ -226,6 +229,7 @@ class SweepDecoder:
                 capture.append(h)
             n = h.shape[0]
             qkv = F.linear(normed, block.qkv_weight, block.qkv_bias)  # [n, seq, (heads + 2 kv) hd]
+            qkv = k.head_norms(block, qkv, self.n_heads, self.n_kv, self.head_dim)
             q, key = k.rotary(qkv, cos, sin, self.n_heads, self.n_kv, self.head_dim)
             value = qkv[..., (self.n_heads + self.n_kv) * self.head_dim:].view(
                 n, seq, self.n_kv, self.head_dim).transpose(1, 2)
@@ -340,8 +344,9 @@ def _unsupported(lm: LoadedModel) -> str:
         if set(children) != BLOCK_CHILDREN:
             return f"block children {sorted(children)} (expected {sorted(BLOCK_CHILDREN)})"
         attn, mlp = children["self_attn"], children["mlp"]
-        if set(dict(attn.named_children())) != set(ATTN_PROJECTIONS):
-            return f"attention children {sorted(dict(attn.named_children()))} (expected {list(ATTN_PROJECTIONS)})"
+        if set(dict(attn.named_children())) not in (set(ATTN_PROJECTIONS), set(ATTN_PROJECTIONS + HEAD_NORMS)):
+            return (f"attention children {sorted(dict(attn.named_children()))} (expected {list(ATTN_PROJECTIONS)}, "
+                    f"optionally with {list(HEAD_NORMS)})")
         if any(not isinstance(getattr(attn, p), nn.Linear) for p in ATTN_PROJECTIONS):
             return "attention projections are not nn.Linear"
         if attn.o_proj.bias is not None or not isinstance(getattr(attn, "scaling", None), (int, float)):

@@ -110,7 +110,7 @@ class OwnStep:
         h, normed = k.residual(x, None, u, self.added[0], blocks[0].input_norm, ablate_sum=u is not None)
         self.mask.index_fill_(3, self.slot, True)
         for layer, block in enumerate(blocks):
-            qkv = F.linear(normed, block.qkv_weight, block.qkv_bias)  # [rows, 1, (heads + 2 kv) hd]
+            qkv = k.head_norms(block, F.linear(normed, block.qkv_weight, block.qkv_bias), n_heads, n_kv, hd)
             # the rows as the "sequence" of one row, so cos/sin [rows, hd] index them: [1, heads/kv, rows, hd]
             q, key = k.rotary(qkv.view(1, rows, -1), cos, sin, n_heads, n_kv, hd)
             value = qkv[:, 0, (n_heads + n_kv) * hd:].view(rows, n_kv, 1, hd)

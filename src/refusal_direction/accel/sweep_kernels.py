@@ -35,6 +35,8 @@ class BlockWeights:
     down: nn.Module
     act: nn.Module
     scaling: float
+    q_norm: nn.Module | None = None  # per-head RMSNorms of queries and keys before the rotary embedding (Qwen3)
+    k_norm: nn.Module | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,6 +83,18 @@ class Kernels:
         if self.triton_act is not None:
             return self.tk.act_mul(gate, up, self.triton_act)
         return block.act(gate) * up
+
+    @staticmethod
+    def head_norms(block: BlockWeights, qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> torch.Tensor:
+        """qkv [rows, seq, width] with the block's per-head query and key norms applied (as HF applies them to each
+        head's slice of q_proj / k_proj's output); unchanged for blocks without them."""
+        if block.q_norm is None:
+            return qkv
+        rows, seq, _ = qkv.shape
+        q_end, k_end = n_heads * head_dim, (n_heads + n_kv) * head_dim
+        q = block.q_norm(qkv[..., :q_end].reshape(rows, seq, n_heads, head_dim)).reshape(rows, seq, q_end)
+        k = block.k_norm(qkv[..., q_end:k_end].reshape(rows, seq, n_kv, head_dim)).reshape(rows, seq, k_end - q_end)
+        return torch.cat([q, k, qkv[..., k_end:]], dim=-1)
 
     def rotary(self, qkv, cos, sin, n_heads: int, n_kv: int, head_dim: int):
         """Rotated queries [rows, n_heads, seq, hd] and keys [rows, n_kv, seq, hd] from qkv [rows, seq, width]."""
