@@ -182,3 +182,17 @@ def test_other_families_match_hooks(family):
 def test_wrong_direction_width_is_refused(lm):
     with pytest.raises(UserError, match="d_model"):
         orthogonalize_weights_(copy.deepcopy(lm.model), torch.randn(lm.d_model + 1))
+
+
+def test_qwen3_export_matches_hooks():
+    """Qwen3's per-head q/k norms sit inside attention, before the rotary embedding: the writers' edit is exact."""
+    from tests.helpers.sweep_cases import tiny_arch
+
+    lm = tiny_arch("qwen3")
+    direction = Direction(torch.randn(lm.d_model, dtype=torch.float64), 0, -1)
+    enc = lm.tokenize(PROMPTS)
+    ref = hooked_logits(lm, direction, enc)
+    edited_model = copy.deepcopy(lm.model)
+    orthogonalize_weights_(edited_model, direction)
+    assert (logits(edited_model, enc) - ref).abs().max().item() <= 1e-4
+    assert (logits(lm.model, enc) - ref).abs().max().item() > 1e-2  # the direction matters

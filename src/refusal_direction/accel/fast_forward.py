@@ -23,7 +23,7 @@ interventions built in:
   if it reproduces its PyTorch chain on probe inputs (`sweep_kernels.Kernels.build`).
 
 The results equal the reference path's up to rounding (tests: float32 on the CPU, logits within 2e-5 of HF's forward
-with hooks for Gemma, Llama and Qwen2 blocks; bf16 on CUDA, within bf16 noise). `SweepDecoder.for_model` returns
+with hooks for Gemma, Llama, Qwen2 and Qwen3 blocks; bf16 on CUDA, within bf16 noise). `SweepDecoder.for_model` returns
 None, with the reason logged, for a model whose blocks it does not recognise; `selection` also compares it once with
 the HF forward with hooks and falls back to that if it differs."""
 
