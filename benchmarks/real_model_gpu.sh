@@ -4,7 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
-#                                                          gputests bench2b ab2b ab8b prof2b
+#                                                          gputests bench2b ab2b ab8b prof2b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -101,6 +101,15 @@ for step in "$@"; do
     prof2b)  # kernel tables of a decode step (HF's and the own step) and of the sweep, gemma-2b shape
       python benchmarks/profile_kernels.py --model gemma-2b-shape --out $RUNS/prof2b.json > $RUNS/prof2b.txt
       keep prof2b $RUNS/prof2b.json $RUNS/prof2b.txt;;
+    multi70b)  # issue 19 (2+ GPUs): Llama-3-70B's shape across the GPUs; every 8th layer swept, one batch each
+      python benchmarks/multi_gpu.py --model llama-3-70b-shape --device-map auto --sweep-layers 0,8,16,24,32,40,48,56,64,72,79 \
+          --batch-size 100 --out $RUNS/multi70b.json 2>&1 | tail -40
+      keep multi70b $RUNS/multi70b.json;;
+    multidry)  # the same script on one GPU with the 8B shape, split over the GPU and the CPU (a dry run of #19)
+      python benchmarks/multi_gpu.py --model llama-3-8b-shape --device-map auto --max-memory 0=12GiB,cpu=100GiB \
+          --n-extract 16 --sweep-prompts 4 --sweep-layers 0,31 --n-prompts 8 --new-tokens 32 --batch-size 8 \
+          --out $RUNS/multidry.json 2>&1 | tail -40
+      keep multidry $RUNS/multidry.json;;
     *) echo "unknown step $step" >&2; exit 2;;
   esac
 done

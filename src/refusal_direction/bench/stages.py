@@ -85,7 +85,8 @@ def time_selection(lm: LoadedModel, n: int = 32, seed: int = 0, repeats: int = 2
     with selection_log() as lines:
         cold = once()
     warm = [once() for _ in range(repeats)]
-    out = {"candidates": n_pos * lm.n_layers, "prompts": 2 * n, "seconds": sorted(warm)[len(warm) // 2] if warm
+    n_layers = len(options["layers"]) if options.get("layers") is not None else lm.n_layers
+    out = {"candidates": n_pos * n_layers, "prompts": 2 * n, "seconds": sorted(warm)[len(warm) // 2] if warm
            else cold, "cold_s": cold, "warm_s": warm, "options": options, "target_s": 2.0,
            # which forward the sweep ran, and why (a failed check of the own forward falls back to HF's)
            "forward": "own" if any("sweep forward (fast_forward)" in x for x in lines) else "hf",

@@ -51,6 +51,15 @@ SHAPES = {
                                    eos_token_id=128009, pad_token_id=128004),
                               (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
                               (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
+    # Llama-3-70B(-Instruct)'s exact shape (70.6 B parameters, 141 GB in bf16: more than one GPU; build it with
+    # `dispatched.random_dispatched_model`), same chat-format ids as the 8B.
+    "llama-3-70b-shape": Shape(dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                    num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                                    rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+                                    hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000,
+                                    eos_token_id=128009, pad_token_id=128004),
+                               (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
+                               (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
 }
 
 
@@ -103,6 +112,32 @@ def id_model(hf_model: torch.nn.Module, model_id: str, prefix_ids: Sequence[int]
                        extra={"first_body_id": first_body_id})
 
 
+def build_model(family: str, fields: dict, dtype: torch.dtype, device) -> torch.nn.Module:
+    """A Llama or Gemma causal LM of config ``fields`` built on ``device`` in ``dtype`` (as from_pretrained does: no
+    float32 copy of the weights; "meta": shapes only)."""
+    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            return (LlamaForCausalLM(LlamaConfig(**fields)) if family == "llama"
+                    else GemmaForCausalLM(GemmaConfig(**fields)))
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _check_fits(shape: str, meta_model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse (one line, what to do) a shape whose weights alone exceed the GPU's free memory."""
+    if device.type != "cuda":
+        return
+    need = sum(p.numel() * p.element_size() for p in meta_model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise UserError(f"{shape} needs {need / 2 ** 30:.0f} GiB for its weights but {device} has {free / 2 ** 30:.0f} "
+                        "GiB free; spread it over several GPUs: python benchmarks/multi_gpu.py --model " + shape)
+
+
 def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto", seed: int = 0,
                  **config) -> LoadedModel:
     """A random-weight model of a named shape (see `SHAPES`: a Gemma or a Llama), built directly on the device.
@@ -110,8 +145,6 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
     ``config`` overrides the shape's config fields. With the default ``initializer_range`` (0.02) greedy decoding
     repeats the last prompt token forever; ``initializer_range=0.08`` gives varied tokens.
     """
-    from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
-
     from ..core.model import resolve_device, resolve_dtype
 
     if shape not in SHAPES:
@@ -119,16 +152,10 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
     spec = SHAPES[shape]
     device = resolve_device(device)
     torch_dtype, reason = resolve_dtype(dtype, device)
+    fields = {**spec.config, **config}
+    _check_fits(shape, build_model(spec.family, fields, torch_dtype, "meta"), torch.device(device))
     torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(torch_dtype)  # as from_pretrained does: no float32 copy of the weights
-        with torch.device(device):
-            fields = {**spec.config, **config}
-            model = (LlamaForCausalLM(LlamaConfig(**fields)) if spec.family == "llama"
-                     else GemmaForCausalLM(GemmaConfig(**fields)))
-    finally:
-        torch.set_default_dtype(old)
+    model = build_model(spec.family, fields, torch_dtype, device)
     model.eval().requires_grad_(False)  # no .to(dtype): rotary inv_freq stays float32, as from_pretrained leaves it
     lm = id_model(model, f"{shape} (random weights)", spec.prefix_ids, spec.suffix_ids, spec.special_ids,
                   pad=spec.config["pad_token_id"], bos=spec.config["bos_token_id"], eos=spec.config["eos_token_id"],
