@@ -4,7 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
-#                                                          gputests bench2b ab2b ab8b prof2b multi70b multidry
+#                                                          gputests fwdcheck bench2b ab2b ab8b prof2b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -101,6 +101,13 @@ for step in "$@"; do
     prof2b)  # kernel tables of a decode step (HF's and the own step) and of the sweep, gemma-2b shape
       python benchmarks/profile_kernels.py --model gemma-2b-shape --out $RUNS/prof2b.json > $RUNS/prof2b.txt
       keep prof2b $RUNS/prof2b.json $RUNS/prof2b.txt;;
+    fwdcheck)  # does the sweep run its own forward at full depth (bench init and profile_kernels' 0.08)?
+      for m in gemma-2b-shape llama-3-8b-shape; do
+        python benchmarks/sweep_forward_check.py --model $m > $RUNS/fwdcheck-$m.json
+        python benchmarks/sweep_forward_check.py --model $m --init 0.08 > $RUNS/fwdcheck-$m-0.08.json
+      done
+      tail -n 12 $RUNS/fwdcheck-*.json
+      keep fwdcheck $RUNS/fwdcheck-*.json;;
     multi70b)  # issue 19 (2+ GPUs): Llama-3-70B's shape across the GPUs; every 8th layer swept, one batch each
       python benchmarks/multi_gpu.py --model llama-3-70b-shape --device-map auto --sweep-layers 0,8,16,24,32,40,48,56,64,72,79 \
           --batch-size 100 --out $RUNS/multi70b.json 2>&1 | tail -40

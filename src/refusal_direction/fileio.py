@@ -60,6 +60,11 @@ def manifest_entries(run_dir: str | os.PathLike) -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
+def record_write(path: str | os.PathLike) -> None:
+    """Record a file written without this module's writers (e.g. appended to) in its run's manifest, if tracked."""
+    _record(Path(path))
+
+
 def _record(path: Path) -> None:
     if not _TRACKED:
         return

@@ -23,6 +23,8 @@ CASES = [
     (["optimize_profile.py", "/no/such/run"], "optimize/study.journal"),
     (["optimize_profile.py", "RUN_WITH_STUDY", "--batch", "0"], "--batch 0"),
     (["lora_export_check.py", "/no/such/run", "/tmp/x"], "candidates.safetensors"),
+    (["sweep_forward_check.py", "--model", "nope"], "--model 'nope'"),
+    (["sweep_forward_check.py", "--model", "tiny", "--layers", "0"], "--layers and --prompts"),
     (["multi_gpu.py", "--model", "nope"], "--model 'nope'"),
     (["multi_gpu.py", "--model", "tiny", "--n-prompts", "0"], "--n-prompts 0"),
     (["multi_gpu.py", "--model", "tiny", "--sweep-layers", "a,b"], "--sweep-layers 'a,b'"),

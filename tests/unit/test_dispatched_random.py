@@ -44,3 +44,23 @@ def test_strategies_and_refusals(tmp_path):
         device_of({"model.layers.0": 0}, "model.layers.5.mlp.up_proj.weight")
     assert device_of({"model.layers.1": "disk", "": 0}, "model.layers.1.mlp.up_proj.weight") == "disk"
     assert device_of({"model.layers.1": "disk", "": 0}, "model.layers.10.mlp.up_proj.weight") == 0
+
+
+def test_a_tied_embedding_split_from_its_unembedding_is_refused(tmp_path):
+    split_tied = {**SPLIT, "lm_head": "disk"}
+    with pytest.raises(UserError, match="tied model.embed_tokens on 'cpu' and lm_head on 'disk'"):
+        random_dispatched_model("tiny", split_tied, dtype="float32", offload_folder=tmp_path)
+
+
+def test_a_shape_too_big_for_the_gpu_is_refused_with_the_command(monkeypatch):
+    from refusal_direction.bench.synthetic import SHAPES, build_model, check_fits
+
+    meta = build_model("llama", SHAPES["llama-3-70b-shape"].config, torch.bfloat16, "meta")
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (139 * gib, 141 * gib))  # an H200, empty
+    says = r"needs 131\.4 GiB .* 139\.0 GiB free .*benchmarks/multi_gpu\.py --model llama-3-70b"
+    with pytest.raises(UserError, match=says):
+        check_fits("llama-3-70b-shape", meta, torch.device("cuda", 0))
+    small = build_model("llama", SHAPES["llama-3-8b-shape"].config, torch.bfloat16, "meta")
+    check_fits("llama-3-8b-shape", small, torch.device("cuda", 0))  # 15 GiB: fits
+    check_fits("llama-3-70b-shape", meta, torch.device("cpu"))  # no check off the GPU

@@ -90,7 +90,7 @@ def test_unsupported_blocks_are_refused_with_a_reason(caplog):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_unexpanded_grouped_query_attention_equals_the_expanded(arch):
     """``native_gqa`` (SDPA's enable_gqa, chosen on CUDA where flash attention takes it) gives the logits of the
-    expanded K/V, with and without the prefix's lower-right causal mask (here on the CPU's math kernel)."""
+    expanded K/V, with and without the prefix's lower-right causal mask (here on the CPU's own attention kernels)."""
     lm = tiny_arch(arch)
     decoder = SweepDecoder.for_model(lm)
     assert decoder.n_kv < decoder.n_heads and not decoder.native_gqa  # CPU: expanded by default

@@ -107,6 +107,20 @@ def test_torn_and_damaged_lines(tmp_path, caplog):
     assert "line 1 is damaged" in caplog.text and "line 4" not in caplog.text  # the torn last line: silently
     store.put([("k3", {"b": ([4], True)})])
     assert json.loads(path.read_text().splitlines()[-1])["key"] == "k3"  # on a fresh line after the torn one
+    caplog.clear()
     assert PartialResults(path).get("k3") == {"b": ([4], True)}
+    assert "damaged" not in caplog.text  # the damaged line was dropped when first read: reported once
+    assert len(path.read_text().splitlines()) == 3
     store.remove()
     assert not path.exists() and store.get("k1") is None
+
+
+def test_the_file_is_recorded_in_the_runs_manifest(tmp_path):
+    from refusal_direction.fileio import manifest_entries, track_writes, untrack_writes
+
+    track_writes(tmp_path)
+    try:
+        PartialResults(tmp_path / "generate_partial.jsonl").put([("k", {"a": ([1], True)})])
+    finally:
+        untrack_writes(tmp_path)
+    assert "generate_partial.jsonl" in manifest_entries(tmp_path)  # so `--force` may delete it

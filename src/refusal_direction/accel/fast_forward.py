@@ -347,6 +347,10 @@ def _unsupported(lm: LoadedModel) -> str:
         if set(dict(attn.named_children())) not in (set(ATTN_PROJECTIONS), set(ATTN_PROJECTIONS + HEAD_NORMS)):
             return (f"attention children {sorted(dict(attn.named_children()))} (expected {list(ATTN_PROJECTIONS)}, "
                     f"optionally with {list(HEAD_NORMS)})")
+        head_dim = int(getattr(attn, "head_dim", 0) or 0)
+        if any(tuple(getattr(getattr(attn, n, None), "weight", torch.empty(head_dim)).shape) != (head_dim,)
+               for n in HEAD_NORMS if hasattr(attn, n)):
+            return "query/key norms that are not per-head RMSNorms of the head dimension"
         if any(not isinstance(getattr(attn, p), nn.Linear) for p in ATTN_PROJECTIONS):
             return "attention projections are not nn.Linear"
         if attn.o_proj.bias is not None or not isinstance(getattr(attn, "scaling", None), (int, float)):

@@ -191,7 +191,8 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
     n_cond = len(interventions)
     if not units or not n_cond:
         return [{} for _ in units], FastStats(0, 0, 0, 0, 0.0, 0.0, 0.0, mode)
-    keys, digests, per_unit, todo = _resumed(lm, units, interventions, max_new_tokens, stop, force_tokens, partial)
+    keys, digests, per_unit, todo = _resumed(lm, units, interventions, max_new_tokens, stop, force_tokens, partial,
+                                             step)
     stats: list[FastStats] = []
 
     def run_chunk(chunk: Sequence[int]) -> list[dict[int, tuple[list[int], bool]]]:
@@ -232,14 +233,14 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
 
 
 def _resumed(lm: LoadedModel, units, interventions, max_new_tokens: int, stop: Sequence[int], force_tokens: bool,
-             partial: PartialResults | None) -> tuple[list[str], list[str], list[dict], list[int]]:
+             partial: PartialResults | None, step: str) -> tuple[list[str], list[str], list[dict], list[int]]:
     """(unit keys, condition digests, per-unit results with the resumed ones filled in, indices of the units still
     to decode); without ``partial`` no keys and every unit to decode."""
     per_unit: list[dict] = [{} for _ in units]
     if partial is None:
         return [], [], per_unit, list(range(len(units)))
     digests = [intervention_digest(iv) for iv in interventions]
-    model = f"{lm.model_id}|{lm.dtype}"
+    model = f"{lm.model_id}|{lm.dtype}|{step}"  # rows of one decode step only (bf16 roundings differ)
     keys = [unit_key(model, p, [digests[c] for c in conds], max_new_tokens, stop, force_tokens) for p, conds in units]
     todo = []
     for u, (_, conds) in enumerate(units):

@@ -7,10 +7,11 @@ unit (a prompt and the conditions it is decoded under): its key and, per conditi
 stop token ended them. A resumed run decodes only the units without a line.
 
 The key digests everything that decides the tokens: the prompt's ids, each condition's name, type and tensors
-(`intervention_digest`), the new-token budget, the stop ids, forced or not, and the model's id and dtype. Lines of
-other keys are ignored (a changed direction or budget starts afresh), a torn last line (a kill while writing) is
-dropped. In bfloat16 a resumed unit may be batched with other rows than in an uninterrupted run, which can move
-a token where two logits tie within rounding (as any change of batch shape can).
+(`intervention_digest`), the new-token budget, the stop ids, forced or not, the model's id and dtype and the decode
+step. Lines of other keys are ignored (a changed direction or budget starts afresh); damaged lines and a torn last
+line (a kill while writing) are dropped when the file is read. The file is recorded in the run's manifest. In
+bfloat16 a resumed unit may be batched with other rows than in an uninterrupted run, which can move a token where
+two logits tie within rounding (as any change of batch shape can).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from ..fileio import atomic_write_bytes, record_write
+
 log = logging.getLogger(__name__)
 
 UnitResult = dict[str, tuple[list[int], bool]]  # condition digest -> (new ids, stopped)
@@ -35,13 +38,23 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return hashlib.sha256(repr(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
 
 
+def _value_digest(value) -> str:
+    """Tensors by their values, containers element by element (a repr would truncate tensors), the rest by repr."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_digest(value)
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__ + "(" + ",".join(_value_digest(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k!r}:{_value_digest(v)}" for k, v in sorted(value.items(), key=repr)) + "}"
+    return repr(value)
+
+
 def intervention_digest(intervention) -> str:
     """A short digest of an intervention's type, name and fields (tensors by their float64 values)."""
     parts = [type(intervention).__module__, type(intervention).__qualname__]
     fields = dataclasses.fields(intervention) if dataclasses.is_dataclass(intervention) else ()
     for f in fields:
-        value = getattr(intervention, f.name)
-        parts.append(f"{f.name}={_tensor_digest(value) if isinstance(value, torch.Tensor) else repr(value)}")
+        parts.append(f"{f.name}={_value_digest(getattr(intervention, f.name))}")
     if not fields:
         parts.append(repr(intervention))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -62,14 +75,18 @@ class PartialResults:
         self.rows: dict[str, UnitResult] = {}
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        good = []
         for n, line in enumerate(lines):
             try:
                 rec = json.loads(line)
                 self.rows[rec["key"]] = {c: (list(v[0]), bool(v[1])) for c, v in rec["conditions"].items()}
-            except (ValueError, KeyError, TypeError, IndexError):
+                good.append(line)
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 if n != len(lines) - 1:
                     log.warning("%s: line %d is damaged; its unit will be decoded again", self.path, n + 1)
+        if len(good) < len(lines):  # drop damaged and torn lines, so that they are reported once
+            atomic_write_bytes(self.path, "".join(x + "\n" for x in good).encode())
         if self.rows:
             log.info("%s: %d finished units from an earlier run", self.path, len(self.rows))
 
@@ -84,17 +101,11 @@ class PartialResults:
         text = "".join(json.dumps({"key": key, "conditions": {c: [ids, stopped] for c, (ids, stopped) in res.items()}})
                        + "\n" for key, res in units)
         with open(self.path, "a", encoding="utf-8") as f:
-            if f.tell() and not self._ends_with_newline():
-                f.write("\n")  # after a torn line: start a fresh one
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        record_write(self.path)  # a run's own file: `--force` may delete it
         self.rows.update(units)
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
     def remove(self) -> None:
         """Delete the file (its units are in the completion files now)."""

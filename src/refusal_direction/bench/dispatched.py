@@ -1,12 +1,14 @@
 """Random-weight models too big for one device: built empty, placed by accelerate, filled where they live.
 
-`random_model` builds a bench shape on one device; a 70B-class shape (141 GB in bfloat16) fits on none. Here the
-model is built on the meta device (`accelerate.init_empty_weights`: no memory), accelerate's device map places
-its blocks (``"auto"`` / ``"balanced"`` / ``"sequential"`` with ``max_memory``, or an explicit map of module names
-to a GPU index, ``"cpu"`` or ``"disk"``), every parameter is created on its own device and initialised there by
-the model class's own ``_init_weights`` (the values a directly built model draws from, not the same numbers), and
-`accelerate.dispatch_model` adds the hooks that move activations between devices ("disk" modules are written to
-``offload_folder``). Nothing is ever materialised on one device as a whole.
+`random_model` builds a bench shape on one device; a 70B-class shape (131 GiB in bfloat16) leaves no room for
+anything else on one H200. Here the model is built on the meta device (`accelerate.init_empty_weights`: no
+memory), accelerate's device map places its blocks (``"auto"`` / ``"balanced"`` / ``"sequential"`` with
+``max_memory``, or an explicit map of module names to a GPU index, ``"cpu"`` or ``"disk"``), every parameter is
+created on its own device and initialised there by the model class's own ``_init_weights`` (the distributions a
+directly built model draws from, not the same numbers; each GPU draws from its own generator, so another map gives
+another model for the same seed), and `accelerate.dispatch_model` adds the hooks that move activations between
+devices. No GPU ever holds more than its share; "disk" modules are filled in CPU memory first and then written to
+``offload_folder`` by the dispatch, so CPU memory must hold the "cpu" and "disk" shares together for a moment.
 
 The result is a `LoadedModel` driven by token ids (`synthetic.id_model`), dispatched: the pipeline's stages take
 their device-map paths (HF forward with hooks, HF generate) and say why the fast paths do not run.
@@ -31,7 +33,7 @@ def _empty_model(shape: str, dtype: torch.dtype, config: dict) -> torch.nn.Modul
     from accelerate import init_empty_weights
 
     spec = SHAPES[shape]
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=False):  # buffers (rotary frequencies) real, whatever the environment
         return build_model(spec.family, {**spec.config, **config}, dtype, "cpu")
 
 
@@ -62,6 +64,19 @@ def _materialise_(model: torch.nn.Module, device_map: dict, seed: int) -> None:
     model.tie_weights()
 
 
+def _check_tied(model: torch.nn.Module, device_map: dict) -> None:
+    """Refuse a map that puts a tied embedding and unembedding on different devices (accelerate would re-tie
+    them to one tensor on one of them)."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return
+    names = {m: n for n, m in model.named_modules()}
+    a, b = device_of(device_map, names[inp] + ".weight"), device_of(device_map, names[out] + ".weight")
+    if a != b:
+        raise UserError(f"the device map puts the tied {names[inp]} on {a!r} and {names[out]} on {b!r}; map both to "
+                        "one device")
+
+
 def random_dispatched_model(shape: str, device_map: str | dict = "auto", max_memory: dict | None = None,
                             dtype: str = "bfloat16", offload_folder: str | Path | None = None, seed: int = 0,
                             **config) -> LoadedModel:
@@ -90,6 +105,7 @@ def random_dispatched_model(shape: str, device_map: str | dict = "auto", max_mem
                                            dtype=torch_dtype)
     if "disk" in device_map.values() and offload_folder is None:
         raise UserError("the device map offloads modules to disk: pass offload_folder (a directory with room)")
+    _check_tied(model, device_map)
     _materialise_(model, device_map, seed)
     model.eval().requires_grad_(False)
     model = dispatch_model(model, device_map=device_map, offload_dir=str(offload_folder) if offload_folder else None)

@@ -199,7 +199,8 @@ def format_report(r: dict) -> str:
     floor = f"; matmul floor {sel['floor']['seconds']:.2f}s" if "floor" in sel else ""
     lines.append(f"selection: {sel['candidates']} candidates, {sel['prompts']} prompts: {sel['seconds']:.2f}s warm, "
                  f"{sel['cold_s']:.2f}s first call (target {sel['target_s']:.0f}s{floor}); "
-                 + ("the sweep's own forward" if sel.get("forward") == "own" else "HF's forward with hooks"))
+                 + {"own": "the sweep's own forward", "hf": "HF's forward with hooks"}.get(sel.get("forward"),
+                                                                                          "forward not recorded"))
     if "selection_hf_forward" in r:
         lines.append(f"  same sweep through HF's forward with hooks: {r['selection_hf_forward']['seconds']:.2f}s warm")
     return "\n".join(lines)

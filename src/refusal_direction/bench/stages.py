@@ -44,9 +44,11 @@ def sweep_inputs(lm: LoadedModel, n: int = 32, seed: int = 0):
 
 
 @contextlib.contextmanager
-def selection_log() -> Iterator[list[str]]:
-    """The selection and sweep-forward log lines (INFO and up) emitted inside the block."""
+def selection_log(debug: bool = False) -> Iterator[list[str]]:
+    """The selection and sweep-forward log lines (INFO and up; DEBUG too with ``debug``: the checks' errors)
+    emitted inside the block."""
     lines: list[str] = []
+    level = logging.DEBUG if debug else logging.INFO
 
     class Keep(logging.Handler):
         def emit(self, record):
@@ -54,10 +56,10 @@ def selection_log() -> Iterator[list[str]]:
 
     loggers = [logging.getLogger(n) for n in ("refusal_direction.selection", "refusal_direction.accel")]
     levels = [lg.level for lg in loggers]
-    handler = Keep(logging.INFO)
+    handler = Keep(level)
     for lg in loggers:
         lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
+        lg.setLevel(level)
     try:
         yield lines
     finally:

@@ -51,8 +51,8 @@ SHAPES = {
                                    eos_token_id=128009, pad_token_id=128004),
                               (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
                               (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
-    # Llama-3-70B(-Instruct)'s exact shape (70.6 B parameters, 141 GB in bf16: more than one GPU; build it with
-    # `dispatched.random_dispatched_model`), same chat-format ids as the 8B.
+    # Llama-3-70B(-Instruct)'s exact shape (70.6 B parameters, 131 GiB in bf16: the weights alone nearly fill an
+    # H200, so build it over several GPUs with `dispatched.random_dispatched_model`), same chat-format ids as the 8B.
     "llama-3-70b-shape": Shape(dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                                     num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
                                     rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
@@ -127,15 +127,20 @@ def build_model(family: str, fields: dict, dtype: torch.dtype, device) -> torch.
         torch.set_default_dtype(old)
 
 
-def _check_fits(shape: str, meta_model: torch.nn.Module, device: torch.device) -> None:
-    """Refuse (one line, what to do) a shape whose weights alone exceed the GPU's free memory."""
+FIT_SHARE = 0.85  # weights may take at most this share of a GPU's free memory (the rest: KV cache, activations)
+
+
+def check_fits(shape: str, meta_model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse (one line, what to do) a shape whose weights take more than `FIT_SHARE` of the GPU's free memory:
+    Llama-3-70B's 131 GiB would load on an H200 (139 GiB free) and run out of memory at the first batch."""
     if device.type != "cuda":
         return
     need = sum(p.numel() * p.element_size() for p in meta_model.parameters())
     free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        raise UserError(f"{shape} needs {need / 2 ** 30:.0f} GiB for its weights but {device} has {free / 2 ** 30:.0f} "
-                        "GiB free; spread it over several GPUs: python benchmarks/multi_gpu.py --model " + shape)
+    if need > FIT_SHARE * free:
+        raise UserError(f"{shape} needs {need / 2 ** 30:.1f} GiB for its weights but {device} has "
+                        f"{free / 2 ** 30:.1f} GiB free (at most {FIT_SHARE:.0%} of it for weights); spread it over "
+                        f"several GPUs: python benchmarks/multi_gpu.py --model {shape}")
 
 
 def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto", seed: int = 0,
@@ -153,7 +158,7 @@ def random_model(shape: str = "tiny", device: str = "auto", dtype: str = "auto",
     device = resolve_device(device)
     torch_dtype, reason = resolve_dtype(dtype, device)
     fields = {**spec.config, **config}
-    _check_fits(shape, build_model(spec.family, fields, torch_dtype, "meta"), torch.device(device))
+    check_fits(shape, build_model(spec.family, fields, torch_dtype, "meta"), torch.device(device))
     torch.manual_seed(seed)
     model = build_model(spec.family, fields, torch_dtype, device)
     model.eval().requires_grad_(False)  # no .to(dtype): rotary inv_freq stays float32, as from_pretrained leaves it

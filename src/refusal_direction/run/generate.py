@@ -72,8 +72,7 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
     generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done,
                   partial=partial, step=c.decode_step)
     run.timing("generate_s", time.perf_counter() - t0)  # every set (on the fast path: one shared batch)
-    if partial is not None:
-        partial.remove()
+    (run.out / PARTIAL_FILE).unlink(missing_ok=True)  # also one left by a killed fast run resumed on HF generate
 
 
 def dataset_items(run: Run, samples: Samples, dataset_key: str) -> list[Instruction]:

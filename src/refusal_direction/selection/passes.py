@@ -23,7 +23,14 @@ from typing import Sequence
 
 import torch
 
-from ..accel.fast_forward import RowInterventions, SweepDecoder, cat_interventions, shared_decoder, weights_key
+from ..accel.fast_forward import (
+    BUILT_DECODER,
+    RowInterventions,
+    SweepDecoder,
+    cat_interventions,
+    shared_decoder,
+    weights_key,
+)
 from ..core.interventions import per_row_interventions
 from ..core.model import LoadedModel
 from ..core.padding import device_tensor
@@ -160,6 +167,7 @@ def choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int]
         cached = lm.extra.get(CHECKED_DECODER)
         if cached is not None and cached[2].lm is lm and cached[:2] == (weights_key(lm.model), settings):
             return FastPasses(cached[2], unit_dirs, add_vecs, keys, list(cached[3]))  # the opening as checked
+        lm.extra.pop(CHECKED_DECODER, None)  # a stale one (weights changed) would keep its q/k/v copy alive
     if opening and not opening_matches(lm, opening, check[:8], last_logits(lm, check[:8])):
         opening = []
     reference = HFPasses(lm, unit_dirs, add_vecs, keys, opening)
@@ -168,6 +176,7 @@ def choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int]
         return reference
     fast = FastPasses(decoder, unit_dirs, add_vecs, keys, opening)
     if not _fast_matches(fast, reference, check, finite):
+        lm.extra.pop(BUILT_DECODER, None)  # not used: free its q/k/v copy
         return reference
     lm.extra[CHECKED_DECODER] = (weights_key(lm.model), settings, decoder, tuple(opening))
     return fast
