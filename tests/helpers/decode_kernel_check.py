@@ -42,13 +42,13 @@ def tokens(lm, kernel: bool) -> tuple[list, int]:
         calls[0] += 1
         return decode_attention(*args, **kwargs)
 
-    original = folded_attention._decode_kernel_for
-    folded_attention._decode_kernel_for = (lambda model, cfg, notes: counted) if kernel else original
+    original = folded_attention.decode_kernel_for
+    folded_attention.decode_kernel_for = (lambda model, cfg, notes: counted) if kernel else original
     try:
         ivs = [Baseline(), DirectionalAblation(torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0)))]
         out = generate_fast_ids(lm, prompt_ids(lm, PROMPTS), ivs, 10, [], force_tokens=True, decode="eager")
     finally:
-        folded_attention._decode_kernel_for = original
+        folded_attention.decode_kernel_for = original
     return out.tokens, calls[0]
 
 

@@ -42,7 +42,7 @@ def test_config_xstest_conditions_judge_and_stable_fingerprint():
     old = {k: v for k, v in c.to_dict().items() if k not in {"batch_size", "safety_batch_size", "device", "data_dir",
                                                              "require_safety", "generation_backend", "xstest",
                                                              "n_xstest", "judge", "device_map", "max_memory",
-                                                             "offload_folder"}}
+                                                             "offload_folder", "decode_step"}}
     assert c.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert build_config({"judge": "rules"}).fingerprint() != c.fingerprint()
     with pytest.raises(UserErrors, match="judge='nope'"):
