@@ -58,16 +58,24 @@ def test_a_killed_call_resumes_after_its_last_finished_batch(lm, tmp_path, monke
     with pytest.raises(Killed):
         generate_fast_sets(lm, _sets(lm), SETTINGS, max_rows=6, partial=partial)
     lines = (tmp_path / "partial.jsonl").read_text().splitlines()
-    assert len(lines) == 4  # two finished batches of two units
+    assert len(lines) == 12  # two finished batches of two units, a line per (prompt, condition)
     rows = _count_batches(monkeypatch)
     got = generate_fast_sets(lm, _sets(lm), SETTINGS, max_rows=6, partial=PartialResults(tmp_path / "partial.jsonl"))
     assert _ids(got) == want
-    assert rows == [6, 4, 2]  # only the 5 units after the first 4: 2 x 3 conditions, then 3 x 2
+    # only the last 2 prompts of the first set (3 conditions each); the second set's 3 prompts x 2 conditions are
+    # rows the first set's finished batches already hold (the same prompt under the same intervention object)
+    assert rows == [6]
     again = _count_batches(monkeypatch)
     assert _ids(generate_fast_sets(lm, _sets(lm), SETTINGS, partial=PartialResults(tmp_path / "partial.jsonl"))) \
         == want and again == []  # everything resumed: nothing decoded
     assert [g.text for g in got[0]["ablation"]] == [g.text for g in generate_fast_sets(
         lm, _sets(lm), SETTINGS)[0]["ablation"]]
+    # fewer conditions than the killed call (e.g. some completion files were written): still all resumed
+    ivs = _sets(lm)[0][1]
+    last = _count_batches(monkeypatch)
+    fewer = generate_fast_sets(lm, [(INSTRUCTIONS, [ivs[0], ivs[2]])], SETTINGS,
+                               partial=PartialResults(tmp_path / "partial.jsonl"))
+    assert last == [] and _ids(fewer)[0] == {k: want[0][k] for k in ("baseline", "actadd")}
 
 
 def test_other_directions_or_budgets_are_not_taken_from_the_file(lm, tmp_path, monkeypatch):

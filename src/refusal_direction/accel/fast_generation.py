@@ -209,7 +209,7 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
                 if c in units[u][1]:
                     per[i][c] = next(it)
         if partial is not None:  # durable before the next batch starts
-            partial.put([(keys[u], {digests[c]: r for c, r in res.items()}) for u, res in zip(chunk, per)])
+            partial.put([(keys[u][c], {digests[c]: r}) for u, res in zip(chunk, per) for c, r in res.items()])
         return per
 
     if todo:
@@ -233,20 +233,22 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
 
 
 def _resumed(lm: LoadedModel, units, interventions, max_new_tokens: int, stop: Sequence[int], force_tokens: bool,
-             partial: PartialResults | None, step: str) -> tuple[list[str], list[str], list[dict], list[int]]:
-    """(unit keys, condition digests, per-unit results with the resumed ones filled in, indices of the units still
-    to decode); without ``partial`` no keys and every unit to decode."""
+             partial: PartialResults | None, step: str) -> tuple[list[dict], list[str], list[dict], list[int]]:
+    """(per unit {condition: key}, condition digests, per-unit results with the resumed ones filled in, indices of
+    the units still to decode); without ``partial`` no keys and every unit to decode. One key per (prompt,
+    condition): a resumed call asking for fewer conditions (some completion files written) still finds its rows."""
     per_unit: list[dict] = [{} for _ in units]
     if partial is None:
         return [], [], per_unit, list(range(len(units)))
     digests = [intervention_digest(iv) for iv in interventions]
     model = f"{lm.model_id}|{lm.dtype}|{step}"  # rows of one decode step only (bf16 roundings differ)
-    keys = [unit_key(model, p, [digests[c] for c in conds], max_new_tokens, stop, force_tokens) for p, conds in units]
+    keys = [{c: unit_key(model, p, [digests[c]], max_new_tokens, stop, force_tokens) for c in conds}
+            for p, conds in units]
     todo = []
     for u, (_, conds) in enumerate(units):
-        got = partial.get(keys[u])
-        if got is not None and all(digests[c] in got for c in conds):
-            per_unit[u] = {c: got[digests[c]] for c in conds}
+        got = {c: (partial.get(keys[u][c]) or {}).get(digests[c]) for c in conds}
+        if all(v is not None for v in got.values()):
+            per_unit[u] = got
         else:
             todo.append(u)
     return keys, digests, per_unit, todo

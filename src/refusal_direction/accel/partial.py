@@ -3,10 +3,10 @@
 The fast path decodes every evaluation set of a run in one batch, split only where memory asks for it
 (`fast_generation.prompts_per_chunk`); the completion files are written when all of it is done. For a large model
 that is minutes of work per batch; `PartialResults` keeps each finished batch's rows in a JSONL file, one line per
-unit (a prompt and the conditions it is decoded under): its key and, per condition, the new token ids and whether a
-stop token ended them. A resumed run decodes only the units without a line.
+row (a prompt under one condition): its key, the new token ids and whether a stop token ended them. A resumed run
+decodes only the units (a prompt and the conditions it is decoded under) with a row missing.
 
-The key digests everything that decides the tokens: the prompt's ids, each condition's name, type and tensors
+The key digests everything that decides the tokens: the prompt's ids, the condition's name, type and tensors
 (`intervention_digest`), the new-token budget, the stop ids, forced or not, the model's id and dtype and the decode
 step. Lines of other keys are ignored (a changed direction or budget starts afresh); damaged lines and a torn last
 line (a kill while writing) are dropped when the file is read. The file is recorded in the run's manifest. In
