@@ -113,7 +113,7 @@ def profile_sweep(lm, n: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from refusal_direction.bench import selection_log, sweep_inputs
+    from refusal_direction.bench import forward_log, selection_log, sweep_inputs
     from refusal_direction.selection import score_candidates
 
     candidates, harmful, harmless, refusal_ids = sweep_inputs(lm, n, 0)
@@ -126,7 +126,7 @@ def profile_sweep(lm, n: int) -> dict:
         torch.cuda.synchronize()
     table = kernel_table(prof)
     table["wall_s_profiled"] = time.perf_counter() - t0
-    table["forward_log"] = [x for x in lines if "forward" in x or "reproduce" in x or "unavailable" in x]
+    table["forward_log"] = forward_log(lines)
     return table
 
 

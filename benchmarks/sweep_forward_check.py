@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     if (args.layers is not None and args.layers < 1) or args.prompts < 1:
         print("--layers and --prompts must be at least 1", file=sys.stderr)
         return 2
-    from refusal_direction.bench import random_model, selection_log, sweep_inputs
+    from refusal_direction.bench import forward_log, random_model, selection_log, sweep_forward, sweep_inputs
     from refusal_direction.selection import score_candidates
 
     config = {k: v for k, v in (("num_hidden_layers", args.layers), ("initializer_range", args.init)) if v is not None}
@@ -43,8 +43,7 @@ def main(argv=None) -> int:
         score_candidates(lm, candidates, harmful, harmless, refusal_ids=refusal_ids)
     out = {"model": args.model, "config": config, "dtype": args.dtype, "device": str(lm.device),
            "seconds": round(time.perf_counter() - t0, 2),
-           "forward": "own" if any("sweep forward (fast_forward)" in x for x in lines) else "hf",
-           "log": [x for x in lines if "forward" in x or "reproduce" in x or "check" in x or "unavailable" in x]}
+           "forward": sweep_forward(lines), "log": forward_log(lines)}
     print(json.dumps(out, indent=1))
     return 0
 

@@ -32,7 +32,7 @@ from .generation import (
     token_digests,
 )
 from .run import bench_conditions, bench_main, describe_environment, describe_workload, format_report, run_benchmark
-from .stages import selection_log, sweep_inputs, time_activations, time_selection
+from .stages import forward_log, selection_log, sweep_forward, sweep_inputs, time_activations, time_selection
 from .synthetic import (
     INSTRUCTION_TOKENS,
     SHAPES,
@@ -51,6 +51,6 @@ __all__ = ["INSTRUCTION_TOKENS", "SHAPES", "IdTokenizer", "Shape", "agreement", 
            "bench_main", "bench_model", "describe_environment", "describe_workload", "fast_generate", "fast_variants",
            "format_report", "generation_floor", "gpu_script_problem", "id_model", "measure_ceilings",
            "median_seconds", "no_stop_tokens", "paper_generate", "prompt_ids", "random_model", "run_benchmark",
-           "selection_floor", "selection_log", "sweep_inputs",
+           "selection_floor", "selection_log", "sweep_forward", "sweep_inputs", "forward_log",
            "sync", "synthetic_instructions", "time_activations", "time_fast", "time_paper", "time_selection",
            "token_digests"]

@@ -43,6 +43,16 @@ def sweep_inputs(lm: LoadedModel, n: int = 32, seed: int = 0):
     return candidates, harmful, harmless, [int(lm.extra.get("first_body_id", 8))]
 
 
+def sweep_forward(lines: list[str]) -> str:
+    """Which forward a sweep ran, from its `selection_log` lines: "own" (fast_forward) or "hf"."""
+    return "own" if any("sweep forward (fast_forward)" in x for x in lines) else "hf"
+
+
+def forward_log(lines: list[str]) -> list[str]:
+    """The `selection_log` lines about the forward: which ran, each check's result, why one was unavailable."""
+    return [x for x in lines if any(w in x for w in ("forward", "reproduce", "check", "unavailable"))]
+
+
 @contextlib.contextmanager
 def selection_log(debug: bool = False) -> Iterator[list[str]]:
     """The selection and sweep-forward log lines (INFO and up; DEBUG too with ``debug``: the checks' errors)
@@ -91,8 +101,7 @@ def time_selection(lm: LoadedModel, n: int = 32, seed: int = 0, repeats: int = 2
     out = {"candidates": n_pos * n_layers, "prompts": 2 * n, "seconds": sorted(warm)[len(warm) // 2] if warm
            else cold, "cold_s": cold, "warm_s": warm, "options": options, "target_s": 2.0,
            # which forward the sweep ran, and why (a failed check of the own forward falls back to HF's)
-           "forward": "own" if any("sweep forward (fast_forward)" in x for x in lines) else "hf",
-           "log": [x for x in lines if "forward" in x or "reproduce" in x or "unavailable" in x]}
+           "forward": sweep_forward(lines), "log": forward_log(lines)}
     if ceilings:
         out["floor"] = selection_floor(lm, harmful, harmless, n_pos, ceilings)
     return out

@@ -33,6 +33,15 @@ class Shape:
 _GEMMA_COMMON = dict(hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
                      max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
                      pad_token_id=0, attention_bias=False)
+# Llama-3's fields shared by its sizes (8 KV heads of 128 dims, untied unembedding), and its chat format's ids:
+# <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|><|start_header_id|>assistant
+# <|end_header_id|>\n\n (271 = "\n\n"); prefix, suffix, special ids, first body id.
+_LLAMA3_COMMON = dict(vocab_size=128256, num_key_value_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=8192, tie_word_embeddings=False, hidden_act="silu", attention_bias=False,
+                      mlp_bias=False, bos_token_id=128000, eos_token_id=128009, pad_token_id=128004)
+_LLAMA3_IDS = ((128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
+               (128000, 128001, 128004, 128006, 128007, 128009), 1000)
+
 SHAPES = {
     # gemma-2b-it's exact shape (2.506 B parameters); 1645 stands in for "user".
     "gemma-2b-shape": Shape(dict(vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
@@ -41,25 +50,13 @@ SHAPES = {
     "tiny": Shape(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, **_GEMMA_COMMON),
                   (2, 3, 6, 5), (4, 5, 3, 7, 5), (0, 1, 2, 3, 4), 8),
-    # Llama-3-8B(-Instruct)'s exact shape (8.03 B parameters, untied unembedding); the ids are its chat format's:
-    # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n ... <|eot_id|><|start_header_id|>assistant
-    # <|end_header_id|>\n\n (271 = "\n\n").
-    "llama-3-8b-shape": Shape(dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                                   rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
-                                   hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000,
-                                   eos_token_id=128009, pad_token_id=128004),
-                              (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
-                              (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
+    # Llama-3-8B(-Instruct)'s exact shape (8.03 B parameters)
+    "llama-3-8b-shape": Shape(dict(_LLAMA3_COMMON, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32), *_LLAMA3_IDS, family="llama"),
     # Llama-3-70B(-Instruct)'s exact shape (70.6 B parameters, 131 GiB in bf16: the weights alone nearly fill an
     # H200, so build it over several GPUs with `dispatched.random_dispatched_model`), same chat-format ids as the 8B.
-    "llama-3-70b-shape": Shape(dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                    num_attention_heads=64, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                                    rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
-                                    hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000,
-                                    eos_token_id=128009, pad_token_id=128004),
-                               (128000, 128006, 882, 128007, 271), (128009, 128006, 78191, 128007, 271),
-                               (128000, 128001, 128004, 128006, 128007, 128009), 1000, family="llama"),
+    "llama-3-70b-shape": Shape(dict(_LLAMA3_COMMON, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                    num_attention_heads=64), *_LLAMA3_IDS, family="llama"),
 }
 
 
