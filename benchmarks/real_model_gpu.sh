@@ -4,7 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
-#                                                          gputests fwdcheck bench2b ab2b ab8b prof2b multi70b multidry
+#                                                          gputests fwdcheck noise bench2b ab2b ab8b prof2b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -39,8 +39,10 @@ for step in "$@"; do
       # byte-compile what this image leaves uncompiled (it sets PYTHONDONTWRITEBYTECODE=1, so no process would
       # write the .pyc files that a pip install or a first run writes elsewhere): the wheels above and src/
       python -m compileall -q -j 0 /tmp/site src > /dev/null
-      [ -f $GGUF ] || cat /tmp/blob/q05.part* > $GGUF
-      echo "$SHA  $GGUF" | sha256sum -c
+      if [ -f $GGUF ] || ls /tmp/blob/q05.part* > /dev/null 2>&1; then  # the random-weight steps need no GGUF
+        [ -f $GGUF ] || cat /tmp/blob/q05.part* > $GGUF
+        echo "$SHA  $GGUF" | sha256sum -c
+      else echo "no GGUF parts in /tmp/blob: only the random-weight steps can run"; fi
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)";;
     auto)  # #14/#15: automatic selection with no config, the paper's protocol, XSTest conditions
@@ -108,6 +110,13 @@ for step in "$@"; do
       done
       tail -n 12 $RUNS/fwdcheck-*.json
       keep fwdcheck $RUNS/fwdcheck-*.json;;
+    noise)  # how far HF's bf16 forward moves from itself and from float32 (the floor under the 5 % checks)
+      for m in gemma-2b-shape llama-3-8b-shape; do
+        python benchmarks/check_noise.py --model $m > $RUNS/noise-$m.json
+        python benchmarks/sweep_forward_check.py --model $m --dtype float32 > $RUNS/fwdcheck32-$m.json
+      done
+      tail -n 8 $RUNS/noise-*.json; grep -h '"forward"\|error' $RUNS/fwdcheck32-*.json
+      keep noise $RUNS/noise-*.json $RUNS/fwdcheck32-*.json;;
     multi70b)  # issue 19 (2+ GPUs): Llama-3-70B's shape across the GPUs; every 8th layer swept, one batch each
       python benchmarks/multi_gpu.py --model llama-3-70b-shape --device-map auto --sweep-layers 0,8,16,24,32,40,48,56,64,72,79 \
           --batch-size 100 --out $RUNS/multi70b.json 2>&1 | tail -40

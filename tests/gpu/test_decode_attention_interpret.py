@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton,
 
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    return run_interpreted("tests.helpers.decode_kernel_check")
+    return run_interpreted("tests.helpers.decode_kernel_check", decode_kernel=True)
 
 
 def test_probe_check_accepts_the_kernel_and_rejects_a_wrong_one(measured):

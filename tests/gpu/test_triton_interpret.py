@@ -36,7 +36,7 @@ def test_decoder_on_triton_kernels_equals_hf_forward_with_hooks(measured, arch):
 
 @pytest.fixture(scope="module")
 def own_step_measured() -> dict:
-    return run_interpreted("tests.helpers.own_step_interpret_check")
+    return run_interpreted("tests.helpers.own_step_interpret_check", decode_kernel=True)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama", "qwen2"])

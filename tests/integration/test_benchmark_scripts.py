@@ -27,6 +27,8 @@ CASES = [
     (["own_step_cpu.py", "--model", "tiny", "--new-tokens", "1"], "--new-tokens at least 2"),
     (["sweep_forward_check.py", "--model", "nope"], "--model 'nope'"),
     (["sweep_forward_check.py", "--model", "tiny", "--layers", "0"], "--layers and --prompts"),
+    (["check_noise.py", "--model", "nope"], "--model 'nope'"),
+    (["check_noise.py", "--model", "tiny", "--prompts", "1"], "--prompts 1"),
     (["multi_gpu.py", "--model", "nope"], "--model 'nope'"),
     (["multi_gpu.py", "--model", "tiny", "--n-prompts", "0"], "--n-prompts 0"),
     (["multi_gpu.py", "--model", "tiny", "--sweep-layers", "a,b"], "--sweep-layers 'a,b'"),
@@ -76,3 +78,13 @@ def test_multi_gpu_script_dry_run_on_cpu_and_disk(tmp_path):
     assert out["stages"]["export"]["detail"]["shards"] >= 1
     assert (tmp_path / "exp" / "edited" / "config.json").is_file()
     assert all(s["seconds"] > 0 and s["peak_GiB"] == {} for s in out["stages"].values())  # no GPU here
+
+
+def test_check_noise_reports_the_forward_against_itself_and_float32():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "check_noise.py"), "--model", "tiny",
+                           "--prompts", "3", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["bf16 reversed vs bf16 batch"] < out["bf16 batch vs fp32"]  # reordering rows changes nothing here
+    assert 0 < out["bf16 batch vs fp32"] < 0.05  # bf16 rounding, seen against float32

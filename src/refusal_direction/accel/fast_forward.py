@@ -17,7 +17,8 @@ interventions built in:
   position whose logits are read;
 - queries, keys and values come from one matrix product;
 - grouped-query attention reads each KV head for its query heads (SDPA's ``enable_gqa``) where flash attention
-  takes it (CUDA, bf16/fp16), instead of copying keys and values per query head (not yet measured on a GPU);
+  takes it (CUDA, bf16/fp16), instead of copying keys and values per query head (its share of the 8B sweep's
+  time not measured separately);
 - on CUDA with Triton (`triton_kernels`), ablation + residual add + ablation + addition + the next RMSNorm
   are one kernel, act(gate) · up is one, the rotary embedding of queries and keys is one. Each is used only
   if it reproduces its PyTorch chain on probe inputs (`sweep_kernels.Kernels.build`).
@@ -116,6 +117,9 @@ class SweepDecoder:
         # grouped-query attention without copying K/V per query head: where flash attention takes it (CUDA, bf16)
         self.native_gqa = n_kv != n_heads and fuse and _flash_takes_gqa(blocks[0].qkv_weight, n_heads, n_kv,
                                                                         head_dim)
+        if n_kv != n_heads:  # which attention the sweep runs is a timing question: say it
+            log.info("sweep forward attention: %s", "flash with grouped-query K/V unexpanded" if self.native_gqa
+                     else f"K/V expanded to the {n_heads} query heads")
 
     # ----------------------------------------------------------------------------------------------
     @classmethod

@@ -34,7 +34,7 @@ from ..accel.fast_forward import (
 from ..core.interventions import per_row_interventions
 from ..core.model import LoadedModel
 from ..core.padding import device_tensor
-from .logits import last_logits, opening_cache, opening_matches, reproduces_logits
+from .logits import check_tolerance, last_logits, opening_cache, opening_matches, reproduces_logits
 from .prefix import Prefix, capture_prefix, replay, replay_matches
 
 log = logging.getLogger(__name__)
@@ -168,21 +168,23 @@ def choose_passes(lm: LoadedModel, unit_dirs, add_vecs, keys, opening: list[int]
         if cached is not None and cached[2].lm is lm and cached[:2] == (weights_key(lm.model), settings):
             return FastPasses(cached[2], unit_dirs, add_vecs, keys, list(cached[3]))  # the opening as checked
         lm.extra.pop(CHECKED_DECODER, None)  # a stale one (weights changed) would keep its q/k/v copy alive
-    if opening and not opening_matches(lm, opening, check[:8], last_logits(lm, check[:8])):
+    tolerance = check_tolerance(lm, check[:4])
+    if opening and not opening_matches(lm, opening, check[:8], last_logits(lm, check[:8]), tolerance):
         opening = []
     reference = HFPasses(lm, unit_dirs, add_vecs, keys, opening)
     decoder = shared_decoder(lm, fuse) if fast_forward else None
     if decoder is None:
         return reference
     fast = FastPasses(decoder, unit_dirs, add_vecs, keys, opening)
-    if not _fast_matches(fast, reference, check, finite):
+    if not _fast_matches(fast, reference, check, finite, tolerance):
         lm.extra.pop(BUILT_DECODER, None)  # not used: free its q/k/v copy
         return reference
     lm.extra[CHECKED_DECODER] = (weights_key(lm.model), settings, decoder, tuple(opening))
     return fast
 
 
-def _fast_matches(fast: FastPasses, reference: HFPasses, seqs: Sequence[Sequence[int]], finite: torch.Tensor) -> bool:
+def _fast_matches(fast: FastPasses, reference: HFPasses, seqs: Sequence[Sequence[int]], finite: torch.Tensor,
+                  tolerance: float) -> bool:
     """Whether the sweep forward reproduces HF's forward with hooks on a few rows of every kind: ablation,
     addition, a baseline capture and a replay from it."""
     seqs = list(seqs[:4])
@@ -193,7 +195,7 @@ def _fast_matches(fast: FastPasses, reference: HFPasses, seqs: Sequence[Sequence
     cands, seqs2 = cands[:2 * len(seqs)], seqs * 2
     induce = [i >= len(seqs) for i in range(len(seqs2))]
     if not reproduces_logits(fast.decoder.lm, "sweep forward", lambda: fast.rows(seqs2, cands, induce),
-                             reference.rows(seqs2, cands, induce)):
+                             reference.rows(seqs2, cands, induce), tolerance):
         return False
 
     def replayed():
@@ -201,4 +203,4 @@ def _fast_matches(fast: FastPasses, reference: HFPasses, seqs: Sequence[Sequence
         return fast.replay(capture, list(range(len(seqs))), cands[len(seqs):])
 
     return reproduces_logits(fast.decoder.lm, "sweep forward replay", replayed,
-                             reference.rows(seqs, cands[len(seqs):], [True] * len(seqs)))
+                             reference.rows(seqs, cands[len(seqs):], [True] * len(seqs)), tolerance)
