@@ -4,7 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
-#                                                          gputests fwdcheck noise bench2b ab2b ab8b prof2b multi70b multidry
+#                                                          gputests fwdcheck noise bench2b ab2b ab8b prof2b prof8b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -100,9 +100,10 @@ for step in "$@"; do
       m=$([ $step = ab2b ] && echo gemma-2b-shape || echo llama-3-8b-shape)
       python benchmarks/decode_ab.py --model $m --out $RUNS/$step.json > /dev/null
       keep $step $RUNS/$step.json;;
-    prof2b)  # kernel tables of a decode step (HF's and the own step) and of the sweep, gemma-2b shape
-      python benchmarks/profile_kernels.py --model gemma-2b-shape --out $RUNS/prof2b.json > $RUNS/prof2b.txt
-      keep prof2b $RUNS/prof2b.json $RUNS/prof2b.txt;;
+    prof2b|prof8b)  # kernel tables of a decode step (HF's and the own step) and of the sweep
+      m=$([ $step = prof2b ] && echo gemma-2b-shape || echo llama-3-8b-shape)
+      python benchmarks/profile_kernels.py --model $m --out $RUNS/$step.json > $RUNS/$step.txt
+      keep $step $RUNS/$step.json $RUNS/$step.txt;;
     fwdcheck)  # does the sweep run its own forward at full depth (bench init and profile_kernels' 0.08)?
       for m in gemma-2b-shape llama-3-8b-shape; do
         python benchmarks/sweep_forward_check.py --model $m > $RUNS/fwdcheck-$m.json

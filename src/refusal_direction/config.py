@@ -130,7 +130,7 @@ class RunConfig:
     stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")
     generation_backend: str = _f("auto", "auto (fast on CUDA, hf on CPU) | hf | fast")
     decode_step: str = _f("hf", "the fast path's decode step: hf (HF's forward with hooks) | own (accel/own_step.py; "
-                          "faster on repeat calls on an H200 at gemma-2b and 8B shapes, first call slower)")
+                          "faster on an H200 at gemma-2b and 8B shapes on repeat calls; first call slower at gemma-2b)")
     # scoring
     safety: bool = _f(True, "score safety with the Llama Guard 2 classifier")
     safety_model: str = _f("meta-llama/Meta-Llama-Guard-2-8B", "Hub id or local directory of the safety classifier")

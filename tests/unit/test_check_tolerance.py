@@ -1,4 +1,4 @@
-"""The shortcut checks' tolerance: 5 % in float32, twice HF's own bf16 noise (capped) in 16-bit dtypes."""
+"""The shortcut checks' bound: 5 % per row, or in bf16/fp16 twice HF's own one-at-a-time vs batch difference."""
 
 import logging
 import types
@@ -10,54 +10,70 @@ from refusal_direction.selection import logits as L
 from refusal_direction.selection import passes
 from tests.helpers.tiny import tiny_gemma
 
-SEQS = [[0], [1], [2], [3]]
+G = torch.Generator().manual_seed(0)
+REF = torch.randn(8, 50, generator=G)
 
 
-def _fake_last_logits(noise: float):
-    """last_logits as HF's forward would give it if one prompt at a time differed from the batch by ``noise``."""
-    g = torch.Generator().manual_seed(0)
-    ref = torch.randn(len(SEQS), 50, generator=g)
-    delta = torch.randn(ref.shape, generator=g)
-    delta *= noise * (ref - ref.mean(-1, keepdim=True)).norm() / delta.norm()
-
-    def fake(lm, seqs, *args):
-        rows = [s[0] for s in seqs]
-        return (ref if len(rows) > 1 else ref + delta)[rows]
-    return fake
+def _off_by(error: float, rows=None, seed: int = 1) -> torch.Tensor:
+    """REF with the given rows (default: all) moved by exactly ``error`` relative to each row's spread."""
+    out = REF.clone()
+    bump = torch.randn(REF.shape, generator=torch.Generator().manual_seed(seed))
+    for r in range(len(REF)) if rows is None else rows:
+        spread = (REF[r] - REF[r].mean()).norm()
+        out[r] = REF[r] + bump[r] * (error * spread / bump[r].norm())
+    return out
 
 
-@pytest.mark.parametrize(("noise", "expected"), [(0.01, 0.05), (0.066, 0.132), (0.2, 0.25)])
-def test_bf16_tolerance_is_twice_the_forward_noise_within_bounds(monkeypatch, noise, expected):
-    monkeypatch.setattr(L, "last_logits", _fake_last_logits(noise))
-    lm = types.SimpleNamespace(dtype=torch.bfloat16, model_id="fake")
-    assert L.check_tolerance(lm, SEQS) == pytest.approx(expected, rel=1e-4)
+def _lm(dtype=torch.bfloat16, rotary=True):
+    decoder = types.SimpleNamespace(rotary_emb=torch.nn.Identity() if rotary else None)
+    return types.SimpleNamespace(dtype=dtype, model_id="fake", model=types.SimpleNamespace(get_decoder=lambda: decoder))
 
 
-def test_float32_keeps_five_percent_without_extra_passes(monkeypatch):
-    def no_pass(*args):
-        raise AssertionError("no forward pass is needed in float32")
-    monkeypatch.setattr(L, "last_logits", no_pass)
-    assert L.check_tolerance(types.SimpleNamespace(dtype=torch.float32, model_id="fake"), SEQS) == L.CHECK_TOLERANCE
+def test_relative_error_is_per_row():
+    assert L.relative_error(_off_by(0.08), REF) == pytest.approx(0.08, rel=1e-4)
+    one_row = _off_by(0.5, rows=[3])  # one row 50 % off among 8 counts in full
+    assert L.relative_error(one_row, REF) == pytest.approx(0.5, rel=1e-4)
+    spreads = (REF - REF.mean(-1, keepdim=True)).norm(dim=-1)
+    diluted = 0.5 * float(spreads[3] / spreads.norm())  # ~0.5 / sqrt(8): what one norm over the batch would see
+    assert L.relative_error(one_row, REF, per_row=False) == pytest.approx(diluted, rel=1e-4) and diluted < 0.25
 
 
-def test_reproduces_logits_honours_the_tolerance_and_refuses_nan(caplog):
+@pytest.mark.parametrize(("noise", "passes_at"), [(0.01, False), (0.05, True), (0.2, True)])
+def test_bf16_bound_is_twice_the_forward_noise(noise, passes_at, caplog):
+    """A shortcut 8 % off: refused at 5 %, accepted where HF's forward differs from itself by 5 % (bound 10 %)
+    or 20 % (bound 25 %, the cap)."""
     caplog.set_level(logging.INFO, logger="refusal_direction.selection")
-    lm = types.SimpleNamespace(model_id="fake")
-    ref = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
-    centred = (ref - ref.mean(-1, keepdim=True)).norm()
-    bump = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
-    got = ref + bump * (0.08 * centred / bump.norm())  # 8 % off
-    assert L.relative_error(got, ref) == pytest.approx(0.08, rel=1e-4)
-    assert not L.reproduces_logits(lm, "shortcut", lambda: got, ref)
-    assert "relative error 0.08 > 0.05" in caplog.text
-    assert L.reproduces_logits(lm, "shortcut", lambda: got, ref, tolerance=0.132)
-    assert not L.reproduces_logits(lm, "shortcut", lambda: ref * 0.5, ref, tolerance=L.MAX_TOLERANCE)  # halved
-    assert not L.reproduces_logits(lm, "shortcut", lambda: got * float("nan"), ref, tolerance=L.MAX_TOLERANCE)
+    assert L.reproduces_logits(_lm(), "shortcut", lambda: _off_by(0.08), REF, lambda: _off_by(noise, seed=2)) \
+        == passes_at
+    bound = min(max(0.05, 2 * noise), 0.25)
+    assert f"differ from one batch by {noise:.3g} (largest row); the shortcut check allows {bound:.3g}" in caplog.text
+
+
+def test_the_bound_never_lets_one_wrong_row_through():
+    noisy = lambda: _off_by(0.3, seed=2)  # noqa: E731 - HF's forward as noisy as it gets: the 25 % cap
+    assert not L.reproduces_logits(_lm(), "shortcut", lambda: _off_by(0.5, rows=[5]), REF, noisy)
+    assert not L.reproduces_logits(_lm(), "shortcut", lambda: REF * float("nan"), REF, noisy)
+    inf_noise = lambda: REF + float("inf")  # noqa: E731 - overflowing noise gives the fixed bound, not the cap
+    assert not L.reproduces_logits(_lm(), "shortcut", lambda: _off_by(0.08), REF, inf_noise)
+
+
+@pytest.mark.parametrize("lm", [_lm(torch.float32), _lm(rotary=False)], ids=["float32", "absolute-positions"])
+def test_no_noise_allowance_in_float32_or_without_rotary_positions(lm):
+    def never():
+        raise AssertionError("the one-at-a-time passes are not run here")
+    assert not L.reproduces_logits(lm, "shortcut", lambda: _off_by(0.08), REF, never)
+    assert L.reproduces_logits(lm, "shortcut", lambda: _off_by(0.04), REF, never)
+
+
+def test_one_at_a_time_runs_only_when_the_shortcut_misses_five_percent():
+    calls = []
+    assert L.reproduces_logits(_lm(), "shortcut", lambda: _off_by(0.04), REF, lambda: calls.append(1))
+    assert calls == []
 
 
 def test_bf16_sweep_runs_its_own_forward_and_still_refuses_a_planted_bug(monkeypatch, caplog):
-    """A real bf16 model on CPU: the measured noise is small, the own forward passes its checks; halved logits from
-    the own forward are refused even so."""
+    """A real bf16 model on CPU: the own forward passes its checks; own-forward logits 10 % too large on the
+    addition rows (a bug in half the rows) are refused, measured per row against full passes."""
     from refusal_direction.bench import sweep_inputs
     from refusal_direction.selection import score_candidates
 
@@ -66,12 +82,16 @@ def test_bf16_sweep_runs_its_own_forward_and_still_refuses_a_planted_bug(monkeyp
     candidates, harmful, harmless, ids = sweep_inputs(lm, 4, 0)
     caplog.set_level(logging.DEBUG, logger="refusal_direction.selection")
     score_candidates(lm, candidates, harmful, harmless, refusal_ids=ids)
-    assert "own forward in bfloat16: one prompt at a time vs one batch differ by" in caplog.text
     assert "sweep forward (fast_forward)" in caplog.text
     caplog.clear()
     lm.extra.clear()
     rows = passes.FastPasses.rows
-    monkeypatch.setattr(passes.FastPasses, "rows", lambda self, *a: rows(self, *a) * 0.5)
+
+    def addition_rows_off(self, seqs, cands, induce):
+        out = rows(self, seqs, cands, induce)
+        scale = torch.tensor([1.1 if i else 1.0 for i in induce], dtype=out.dtype, device=out.device)
+        return out * scale[:, None]
+    monkeypatch.setattr(passes.FastPasses, "rows", addition_rows_off)
     score_candidates(lm, candidates, harmful, harmless, refusal_ids=ids)
     assert "sweep forward does not reproduce" in caplog.text
     assert "HF forward with per-row hooks" in caplog.text
