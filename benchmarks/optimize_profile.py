@@ -102,7 +102,8 @@ def profile_parts(ev, ivs, tables: Path | None = None) -> dict:
     from refusal_direction.generation import generate_all
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    parts = {"generate": lambda: generate_all(ev.lm, list(ev.harmful), list(ivs), ev.settings, backend=ev.backend),
+    parts = {"generate": lambda: generate_all(ev.lm, list(ev.harmful), list(ivs), ev.settings, backend=ev.backend,
+                                                  step=ev.step),
              "kl": lambda: ev.kl(ivs)}
     out = {}
     for name, fn in parts.items():

@@ -4,7 +4,7 @@
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
 #   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
-#                                                          gputests fwdcheck noise bench2b ab2b ab8b prof2b prof8b multi70b multidry
+#                                                          gputests fwdcheck noise ownreal bench2b ab2b ab8b prof2b prof8b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
 # one archive, $OUT/results-STEPS.tgz, when $OUT (the device tool's return folder) is set. Wall times: `time`.
@@ -92,6 +92,15 @@ for step in "$@"; do
       python -m pytest -q -p no:cacheprovider -rf tests/gpu > $RUNS/gputests.txt 2>&1 || true  # later steps run on
       tail -25 $RUNS/gputests.txt
       keep gputests $RUNS/gputests.txt;;
+    ownreal)  # #18: HF's decode step vs the own one on the real 0.5B: one replicate each (fixed direction, bf16)
+      for s in hf own; do  # each step named explicitly: the default is the own step since session 11
+        printf 'decode_step = "%s"\n' $s > $RUNS/$s-step.toml
+        time rd replicate --model $GGUF --out $RUNS/step-$s --layer 14 --position -1 --no-safety --config $RUNS/$s-step.toml
+        keep ownreal-$s $RUNS/step-$s/summary.json $RUNS/step-$s/timings.json $RUNS/step-$s/run.log
+      done
+      python benchmarks/compare_completions.py $RUNS/step-hf $RUNS/step-own --json $RUNS/ownreal.json
+      grep -h -i "own decode step\|own step\|decode step" $RUNS/step-own/run.log | head -5 || true
+      keep ownreal $RUNS/ownreal.json;;
     bench2b)  # #18: gemma-2b's shape with random weights (HF's and the own decode step, the sweep)
       time rd bench --model gemma-2b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
           --json $RUNS/bench2b.json

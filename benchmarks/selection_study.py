@@ -67,7 +67,7 @@ def study(model: str, out: Path, config: Path | None, pool_tokens: int, prefix_t
     for name, prompts in sets.items():
         t0 = time.perf_counter()
         gens = generate_all(lm, prompts, ivs, GenerationSettings(pool_tokens, c.batch_size, c.stop_at_end_of_turn),
-                            progress=True, backend=c.generation_backend)
+                            progress=True, backend=c.generation_backend, step=c.decode_step)
         base = [is_refusal(lm.tokenizer.decode(g.token_ids[:prefix_tokens], skip_special_tokens=True))
                 for g in gens["base"]]
         record[f"base_{name}"] = _judged(lm, gens["base"], base, prefix_tokens)
@@ -77,7 +77,7 @@ def study(model: str, out: Path, config: Path | None, pool_tokens: int, prefix_t
     t0 = time.perf_counter()
     evals = [i.text for i in samples.eval]
     gens = generate_all(lm, evals, ivs, GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn),
-                        progress=True, backend=c.generation_backend)
+                        progress=True, backend=c.generation_backend, step=c.decode_step)
     learned = get_judge("learned")
     for iv in ivs:
         texts = [g.text for g in gens[iv.name]]

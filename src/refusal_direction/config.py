@@ -129,8 +129,8 @@ class RunConfig:
     batch_size: int = _f(32, "prompts per batch for extraction and generation")
     stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")
     generation_backend: str = _f("auto", "auto (fast on CUDA, hf on CPU) | hf | fast")
-    decode_step: str = _f("hf", "the fast path's decode step: hf (HF's forward with hooks) | own (accel/own_step.py; "
-                          "faster on an H200 at gemma-2b and 8B shapes on repeat calls; first call slower at gemma-2b)")
+    decode_step: str = _f("own", "the fast path's decode step: own (accel/own_step.py; each batch's first step checked "
+                          "against HF's, else HF's step) | hf (HF's forward with hooks, the reference)")
     # scoring
     safety: bool = _f(True, "score safety with the Llama Guard 2 classifier")
     safety_model: str = _f("meta-llama/Meta-Llama-Guard-2-8B", "Hub id or local directory of the safety classifier")

@@ -51,3 +51,16 @@ def test_grouped_query_attention_runs_unexpanded_on_flash_bf16():
         expanded = [decoder.last_logits([s[4:] for s in seqs], rows, prefix, slots), decoder.last_logits(seqs, rows)]
     for a, b in zip(native, expanded):
         assert _rel_err(a.float(), b.float()) < 1e-2
+
+
+def test_gqa_probe_answers_for_flash_under_the_selection_restriction():
+    """selection builds the decoder inside its SDPA restriction (efficient, math): the probe must still ask flash
+    (session 11: the 8B sweep expanded K/V because the probe saw flash switched off)."""
+    from refusal_direction.core.sdpa import restricted_sdpa
+
+    lm = tiny_arch("llama")
+    lm.model.to("cuda", torch.bfloat16)
+    with torch.no_grad(), restricted_sdpa(torch.device("cuda"), ("efficient", "math")):
+        decoder = SweepDecoder.for_model(lm)
+        assert not torch.backends.cuda.flash_sdp_enabled()  # the restriction is still in force after the probe
+    assert decoder.native_gqa

@@ -25,6 +25,8 @@ def test_kernels_match_their_pytorch_chains(measured, arch):
     assert m["residual"] < 1e-5, m  # float32: only the reductions' summation order differs
     assert m["gelu_tanh"] < 1e-5 and m["silu"] < 1e-5, m  # tanh/exp stand-ins round differently in the last bits
     assert m["rotary"] == 0.0, m  # same products, same order
+    assert m["rotary_split"] == 0.0, m  # heads over two programs per token, one partly masked:
+    assert 4 < m["rotary_heads"] < 8, m  # more heads than one program of four holds, fewer than two fill
 
 
 @pytest.mark.parametrize("arch", ["gemma", "llama", "qwen2"])

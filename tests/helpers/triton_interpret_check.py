@@ -69,6 +69,13 @@ def kernel_diffs(lm, dec) -> dict:
     q_ref, k_ref = Kernels().rotary(qkv, angle.cos(), angle.sin(), n_heads, n_kv, hd)
     qk = tk.rotary(qkv, angle.cos(), angle.sin(), n_heads, n_kv, hd)
     out["rotary"] = max(_max_diff(qk[:, :n_heads], q_ref), _max_diff(qk[:, n_heads:], k_ref))
+    block, tk.ROTARY_BLOCK = tk.ROTARY_BLOCK, 2 * hd  # four heads per program: the 5 or 6 heads (query + key)
+    try:  # span two programs, the second partly masked
+        qk = tk.rotary(qkv, angle.cos(), angle.sin(), n_heads, n_kv, hd)
+    finally:
+        tk.ROTARY_BLOCK = block
+    out["rotary_split"] = max(_max_diff(qk[:, :n_heads], q_ref), _max_diff(qk[:, n_heads:], k_ref))
+    out["rotary_heads"] = n_heads + n_kv
     return out
 
 

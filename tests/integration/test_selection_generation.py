@@ -129,7 +129,7 @@ def test_rule_prefers_fewest_refusals_then_lowest_kl(tiny_lm, candidates, monkey
               CandidateScore(-1, 2, -9.0, math.nan, 0.0), CandidateScore(-3, 1, math.nan, math.nan, 0.0)]
     judged = {}
 
-    def fake_counts(lm, cands, keys, harmful, settings, backend="auto", progress=False):
+    def fake_counts(lm, cands, keys, harmful, settings, backend="auto", progress=False, step="hf"):
         judged["keys"] = list(keys)
         return [{(-1, 1): 0, (-2, 1): 0, (-1, 0): 2}[k] for k in keys]
 

@@ -167,3 +167,22 @@ def test_a_wrong_own_step_is_caught_on_the_first_step(monkeypatch):
     assert got == want  # HF's step decoded the batch, from the checked step on
     assert any(n.startswith("own decode step unavailable (first step") for n in stats.notes), stats.notes
     assert not any(n.startswith("own decode step with") for n in stats.notes)
+
+
+def test_pipeline_generation_takes_the_configured_step(caplog):
+    """`generation.generate_all` hands ``step`` to the fast path (the pipeline passes `Config.decode_step`, whose
+    default is the own step), and the fast path's log line says which step decoded."""
+    from refusal_direction.config import RunConfig
+    from refusal_direction.generation import generate_all
+
+    assert RunConfig().decode_step == "own"
+    lm = tiny_arch("llama")
+    settings = GenerationSettings(max_new_tokens=6)
+    logged = {}
+    for step in ("own", "hf"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="refusal_direction.accel.fast_generation"):
+            generate_all(lm, INSTRUCTIONS[:2], [Baseline()], settings, backend="fast", step=step)
+        logged[step] = " ".join(r.getMessage() for r in caplog.records if "fast generation:" in r.getMessage())
+    assert "own decode step with SDPA" in logged["own"], logged
+    assert logged["hf"] and "own decode step" not in logged["hf"], logged

@@ -225,10 +225,11 @@ def _generate_units(lm: LoadedModel, units: Sequence[tuple[list[int], tuple[int,
                       capture_s=sum(s.capture_s for s in stats), decode_s=sum(s.decode_s for s in stats),
                       decode=stats[-1].decode, notes=tuple(dict.fromkeys(n for s in stats for n in s.notes)))
     log.info("fast generation: %d prompts x %d conditions (%d rows) in %d batch(es) of <=%d rows, %d new tokens, "
-             "%s; prefill %.2fs, capture %.2fs, decode %.2fs%s", len(todo), n_cond,
+             "%s; prefill %.2fs, capture %.2fs, decode %.2fs%s%s", len(todo), n_cond,
              sum(len(units[u][1]) for u in todo), total.chunks, total.rows, total.steps, total.decode,
              total.prefill_s, total.capture_s, total.decode_s,
-             f" ({len(units) - len(todo)} units resumed)" if len(todo) < len(units) else "")
+             f" ({len(units) - len(todo)} units resumed)" if len(todo) < len(units) else "",
+             "".join(f"; {n}" for n in total.notes))  # e.g. which decode step ran, or why not the asked-for one
     return per_unit, total
 
 

@@ -17,13 +17,16 @@ decoder's pieces instead, reading and writing the `StaticCache` HF's prefill fil
 - attention: the Triton `decode_attention` kernel where `folded_attention` verified it (CUDA, bf16/fp16), else
   SDPA with the query heads of each KV head folded into query rows, under a boolean mask of the written slots.
 
-Every buffer address is fixed, so the step can be captured as a CUDA graph like HF's (tests/gpu has the check; it
-has not run on a GPU yet). On CPU in float32 the tokens equal HF's step (tests, also under Triton's interpreter
-with every kernel a GPU would use, and on the real Qwen2.5-Coder-0.5B); the element-wise kernels are the sweep's,
-each verified on probes before use, and each batch's first decode step runs on both steps
-(`static_decode._Decoder.checked_own_step`): the own step goes on only if its logits are HF's within
-`OWN_STEP_TOLERANCE`. Chosen with ``step="own"`` (`fast_generation.generate_fast`); HF's step stays the default
-until this one is measured on a GPU — its speed is not known yet.
+Every buffer address is fixed, so the step is captured as a CUDA graph like HF's (tests/gpu checks it on an H200).
+On CPU in float32 the tokens equal HF's step (tests, also under Triton's interpreter with every kernel a GPU would
+use, and on the real Qwen2.5-Coder-0.5B); the element-wise kernels are the sweep's, each verified on probes before
+use, and each batch's first decode step runs on both steps (`static_decode._Decoder.checked_own_step`): the own
+step goes on only if its logits are HF's within `OWN_STEP_TOLERANCE`. Chosen with ``step="own"``
+(`fast_generation.generate_fast`; the Python API's default stays HF's step, the reference) and by the pipeline's
+``decode_step = "own"`` (the config's default since session 11). Measured on one H200 (BENCHMARKS.md "Session
+11"): the real Qwen2.5-Coder-0.5B's replicate generation 7.8 s vs 9.4 s on HF's step, refusal counts equal within
+one per set; random-weight gemma-2b / Llama-3-8B shapes 1.79 / 5.16 s vs 2.41 / 6.45 s on repeat calls (a
+process's first call also compiles the Triton kernels, ~1.5 s on an empty Triton cache).
 
 Not for models that carry hooks of their own on their decoder layers (the own step would skip them): those keep
 HF's step (`foreign_hooks`). The step writes the cache's tensors but not `StaticLayer`'s length counter, so the cache

@@ -48,11 +48,13 @@ def generate_all(
     progress: bool = False,
     backend: str = "auto",
     on_done=None,
+    step: str = "hf",
 ) -> dict[str, list[Generated]]:
     """Greedy completions of ``instructions`` under each intervention: {intervention name: completions}.
 
     ``on_done(name, completions, seconds)`` is called as each condition finishes (on the fast path all
-    finish together and the seconds are the shared batch's).
+    finish together and the seconds are the shared batch's). ``step``: the fast path's decode step ("hf" or
+    "own", `accel.own_step`).
     """
     import time
 
@@ -60,7 +62,7 @@ def generate_all(
         from ..accel import generate_fast
 
         t0 = time.perf_counter()
-        out = generate_fast(lm, instructions, interventions, settings, progress)
+        out = generate_fast(lm, instructions, interventions, settings, progress, step=step)
         if on_done is not None:
             for name, gens in out.items():
                 on_done(name, gens, time.perf_counter() - t0)
@@ -121,6 +123,8 @@ def generate(
     settings: GenerationSettings = GenerationSettings(),
     progress: bool = False,
     backend: str = "auto",
+    step: str = "hf",
 ) -> list[Generated]:
-    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``), else HF."""
-    return generate_all(lm, instructions, [intervention], settings, progress, backend)[intervention.name]
+    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``; decode ``step`` "hf"
+    or "own"), else HF."""
+    return generate_all(lm, instructions, [intervention], settings, progress, backend, step=step)[intervention.name]

@@ -41,6 +41,9 @@ class _Json:
                             "re-run `refusal-direction score <run dir>` to rewrite summary.json")
         return self.data[key]
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
     def obj(self, key: str, where: str | None = None) -> _Json | None:
         """The object under ``key`` wrapped for further reads; None when the value is null."""
         value = self[key]
@@ -52,7 +55,11 @@ class _Plain:
 
     @classmethod
     def from_json(cls, d: Mapping | _Json):
-        return cls(**{name: d[name] for name in cls.__dataclass_fields__})
+        """A key may be missing only for a field with a default (one added after the file was written)."""
+        from dataclasses import MISSING
+
+        return cls(**{name: d[name] for name, f in cls.__dataclass_fields__.items()
+                      if name in d or f.default is MISSING})
 
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -239,6 +246,8 @@ class Settings(_Plain):
     safety_mode: str | None
     safety_short_is_safe: bool | None
     refusal_matching: str | None
+    generation_backend: str | None = None  # "fast" | "hf", as the generate stage ran (environment.json)
+    decode_step: str | None = None  # on the fast path: "own" | "hf" (asked for; each batch's notes say what ran)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def _harmless_baseline(run: Run, harmless: list[str], settings: GenerationSettin
     path = compare_dir(run) / "harmless_baseline.jsonl"
     if not path.is_file():
         gens = generate_all(run.lm, harmless, [Baseline()], settings, progress=run.progress,
-                            backend=run.config.generation_backend)["baseline"]
+                            backend=run.config.generation_backend, step=run.config.decode_step)["baseline"]
         atomic_write_jsonl(path, [{"instruction": t, "completion": g.text, "token_ids": list(g.token_ids)}
                                   for t, g in zip(harmless, gens, strict=True)])
     return [r["token_ids"] for r in read_jsonl(path)]
@@ -111,7 +111,7 @@ def _run_methods(run: Run, samples, xstest, ivs: dict, info: dict) -> None:
     prompts = list(samples.eval) + list(xstest)
     t0 = time.perf_counter()
     gens = generate_all(lm, [i.text for i in prompts], list(ivs.values()), settings, progress=run.progress,
-                        backend=c.generation_backend)
+                        backend=c.generation_backend, step=c.decode_step)
     run.timing("compare_generate_s", time.perf_counter() - t0)
     n_eval = len(samples.eval)
     baseline: dict = {}  # each KL batch's baseline distribution, computed once for every method

@@ -84,7 +84,7 @@ def _baseline_answers(run: Run, instructions, name: str, timing: str):
     t0 = time.perf_counter()
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     answers = generate_all(run.lm, [i.text for i in instructions], [Baseline(name)], settings,
-                           progress=run.progress, backend=c.generation_backend)[name]
+                           progress=run.progress, backend=c.generation_backend, step=c.decode_step)[name]
     run.timing(timing, time.perf_counter() - t0)
     return answers
 
@@ -173,7 +173,8 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
                                             progress=run.progress, layers=layers, kinds=("bypass", "kl"))
     settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     result = selection.select_by_generation(lm, candidates, scores, pool, rule, settings,
-                                            c.generation_backend, run.progress, baseline_refused)
+                                            c.generation_backend, run.progress, baseline_refused,
+                                            step=c.decode_step)
     thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
                                                prune_layer_fraction=c.prune_layer_fraction)
     return result, scores, thresholds, selection.generation_result_to_json(result, scores)

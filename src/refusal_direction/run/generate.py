@@ -38,7 +38,7 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
     c = run.config
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     backend = choose_backend(run.lm, c.generation_backend)
-    check_backend(run, backend, force)
+    check_backend(run, backend, force, c.decode_step)
     per_condition = backend == "hf"  # the fast path runs every set's conditions in one batch
     shared: dict[str, Intervention] = {}  # one object per intervention: a condition shared by sets is one
     sets, jobs = [], []  # jobs[k]: (dataset key, items, {intervention name: condition}) of sets[k]
@@ -94,18 +94,26 @@ def write_completions(run: Run, condition: str, items: list[Instruction], gens) 
              sum(r["refusal"] for r in records) / max(1, len(records)), len(records))
 
 
-def check_backend(run: Run, backend: str, force: bool) -> None:
-    """Completions of one run come from one generation backend; record it, refuse a switch on resume."""
+def check_backend(run: Run, backend: str, force: bool, step: str = "hf") -> None:
+    """Completions of one run come from one generation backend and, on the fast path, one decode step (in bf16 the
+    two steps round differently): record them, refuse a switch on resume. A fast-path run recorded before the step
+    was (session 11) used HF's step."""
     path = run.out / "environment.json"
     env = read_json(path, "run file") if path.is_file() else {}
     old = env.get("generation_backend")
+    old_step = env.get("decode_step", "hf") if old == "fast" else None
+    step = step if backend == "fast" else None
     done = any(run.completions_path(cond).is_file() for cond in run.config.conditions)
     if old and old != backend and done and not force:
         raise UserError(f"run directory {run.out} generated its completions with the {old!r} backend; resuming "
                         f"with {backend!r} would mix them. Resume with --generation-backend {old} (in a --config "
                         "file), or pass --force to regenerate")
-    if path.is_file() and old != backend:
-        atomic_write_json(path, {**env, "generation_backend": backend})
+    if old == backend == "fast" and old_step != step and done and not force:
+        raise UserError(f"run directory {run.out} generated its completions on the {old_step!r} decode step; "
+                        f"resuming on {step!r} would mix them. Resume with decode_step = \"{old_step}\" in a "
+                        "--config file, or pass --force to regenerate")
+    if path.is_file() and (old != backend or env.get("decode_step") != step):
+        atomic_write_json(path, {**env, "generation_backend": backend, "decode_step": step})
 
 
 RECORD_KEYS = ("instruction", "completion", "refusal", "refusal_first_n", "n_tokens", "stopped")

@@ -118,7 +118,8 @@ def _evaluator(run: Run, samples, s: OptimizeSettings):
     c = run.config
     settings = GenerationSettings(s.search_tokens, c.batch_size, c.stop_at_end_of_turn)
     return TrialEvaluator(run.lm, [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val],
-                          get_judge(c.judge), settings, backend=c.generation_backend, max_rows=s.max_kl_rows)
+                          get_judge(c.judge), settings, backend=c.generation_backend, step=c.decode_step,
+                          max_rows=s.max_kl_rows)
 
 
 def search(run: Run, samples, candidates, direction, s: OptimizeSettings):

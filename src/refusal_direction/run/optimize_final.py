@@ -78,7 +78,7 @@ def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, 
     prompts = list(samples.eval) + list(xstest)
     settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
     gens = generate_all(lm, [p.text for p in prompts], list(ivs.values()), settings, progress=run.progress,
-                        backend=c.generation_backend)
+                        backend=c.generation_backend, step=c.decode_step)
     judge = get_judge(c.judge)
     n_eval = len(samples.eval)
     records, kls, baseline = {}, {}, {}  # baseline: each KL batch's baseline distribution, computed once

@@ -211,8 +211,9 @@ def write_environment(run: Run) -> None:
     }
     path = run.out / "environment.json"
     old = read_json(path, "run file") if path.is_file() else {}
-    if old.get("generation_backend"):  # recorded by the generate stage; kept across model loads
-        env["generation_backend"] = old["generation_backend"]
+    for key in ("generation_backend", "decode_step"):  # recorded by the generate stage; kept across model loads
+        if key in old:
+            env[key] = old[key]
     atomic_write_json(path, env)
 
 

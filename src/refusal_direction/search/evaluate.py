@@ -63,6 +63,7 @@ class TrialEvaluator:
     judge: object  # evaluation.judges.Judge
     settings: GenerationSettings
     backend: str = "auto"
+    step: str = "hf"  # the fast path's decode step
     max_rows: int = 2048  # rows per KL forward pass (fewer on out-of-memory)
     _base: torch.Tensor | None = field(default=None, repr=False)  # [n_harmless, vocab]
     _enc: dict | None = field(default=None, repr=False)
@@ -106,7 +107,8 @@ class TrialEvaluator:
         from ..generation import generate_all
 
         t0 = time.perf_counter()
-        gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend)
+        gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend,
+                            step=self.step)
         t1 = time.perf_counter()
         new = {(i, g.text) for iv in interventions for i, g in enumerate(gens[iv.name])} - self._verdicts.keys()
         if new:  # each distinct (prompt, answer) is judged once per search: many trials give the same answers

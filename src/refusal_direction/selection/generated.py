@@ -109,7 +109,7 @@ def prefilter(scores: Sequence[CandidateScore], n_layers: int,
 
 def refusal_counts(lm: LoadedModel, candidates: CandidateDirections, keys: Sequence[tuple[int, int]],
                    harmful: Sequence[str], settings: GenerationSettings, backend: str = "auto",
-                   progress: bool = False) -> list[int]:
+                   progress: bool = False, step: str = "hf") -> list[int]:
     """Refusals among greedy answers to ``harmful`` with each candidate at ``keys`` ablated.
 
     One `generate_all` call: every candidate is one condition, batched together on the fast path; answers are
@@ -120,14 +120,14 @@ def refusal_counts(lm: LoadedModel, candidates: CandidateDirections, keys: Seque
 
     interventions = [DirectionalAblation(candidates.get(p, layer).vector, name=f"selection_ablation_p{p}_l{layer}")
                      for p, layer in keys]
-    out = generate_all(lm, list(harmful), interventions, settings, progress=progress, backend=backend)
+    out = generate_all(lm, list(harmful), interventions, settings, progress=progress, backend=backend, step=step)
     return [sum(is_refusal(g.text) for g in out[iv.name]) for iv in interventions]
 
 
 def select_by_generation(lm: LoadedModel, candidates: CandidateDirections, scores: Sequence[CandidateScore],
                          pool: Sequence[str], rule: GenerationRule, settings: GenerationSettings,
                          backend: str = "auto", progress: bool = False,
-                         baseline_refused: int | None = None) -> GenerationResult:
+                         baseline_refused: int | None = None, step: str = "hf") -> GenerationResult:
     """Pre-filter ``scores`` (the sweep's bypass and KL), judge the kept candidates' ablated answers to
     ``pool`` (harmful prompts the unablated model refuses: ``baseline_refused`` defaults to all of them), and
     choose the lowest refusal rate (ties: lower KL). Raises UserError when no candidate is eligible."""
@@ -136,7 +136,7 @@ def select_by_generation(lm: LoadedModel, candidates: CandidateDirections, score
         raise UserError(nothing_eligible_message(scores, candidates.n_layers, rule))
     settings = GenerationSettings(rule.new_tokens, settings.batch_size, settings.stop_at_end_of_turn)
     counts = refusal_counts(lm, candidates, [(s.position, s.layer) for s in kept], pool, settings, backend,
-                            progress)
+                            progress, step)
     judged = sorted((GeneratedScore(s, n, len(pool)) for s, n in zip(kept, counts)), key=GeneratedScore.rank_key)
     best = judged[0]
     log.info("generation rule: position %d, layer %d still refuses %d of %d pool prompts ablated at KL %.4f; "
