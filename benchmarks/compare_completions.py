@@ -1,6 +1,6 @@
 """Two run directories of the same run, generated two ways (e.g. HF's decode step vs the own one): how far apart?
 
-    python benchmarks/compare_completions.py RUN_A RUN_B [--json OUT]
+    PYTHONPATH=src python benchmarks/compare_completions.py RUN_A RUN_B [--json OUT]
 
 Per completions file present in both (same instructions, same order — else exit 2): identical completions, the
 first differing character on average where they differ, substring-judge refusals in each, and the rows where the
@@ -14,10 +14,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _first_difference(a: str, b: str) -> int:
@@ -50,6 +46,8 @@ def _generate_seconds(run: Path) -> float | None:
 
 
 def compare_runs(run_a: Path, run_b: Path) -> dict:
+    from refusal_direction.fileio import read_jsonl
+
     files = sorted({p.name for p in (run_a / "completions").glob("*.jsonl")}
                    & {p.name for p in (run_b / "completions").glob("*.jsonl")})
     if not files:
@@ -57,7 +55,7 @@ def compare_runs(run_a: Path, run_b: Path) -> dict:
     out: dict = {"runs": [run_a.name, run_b.name], "files": {},
                  "generate_seconds": [_generate_seconds(run_a), _generate_seconds(run_b)]}
     for name in files:
-        a, b = _read(run_a / "completions" / name), _read(run_b / "completions" / name)
+        a, b = (read_jsonl(run / "completions" / name, "completions file") for run in (run_a, run_b))
         if [r["instruction"] for r in a] != [r["instruction"] for r in b]:
             raise ValueError(f"{name}: the two runs completed different instructions (or in another order)")
         out["files"][name] = compare_file(a, b)
@@ -70,9 +68,11 @@ def main(argv=None) -> int:
     ap.add_argument("run_b", type=Path)
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args(argv)
+    from refusal_direction.errors import UserError
+
     try:
         result = compare_runs(args.run_a, args.run_b)
-    except (ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+    except (UserError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         print(f"compare_completions: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(result, indent=1)

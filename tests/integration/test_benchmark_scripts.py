@@ -28,6 +28,7 @@ CASES = [
     (["sweep_forward_check.py", "--model", "nope"], "--model 'nope'"),
     (["sweep_forward_check.py", "--model", "tiny", "--layers", "0"], "--layers and --prompts"),
     (["check_noise.py", "--model", "nope"], "--model 'nope'"),
+    (["compare_completions.py", "/no/such/run", "/no/such/other"], "no completions file in both /no/such/run"),
     (["check_noise.py", "--model", "tiny", "--prompts", "1"], "--prompts 1"),
     (["multi_gpu.py", "--model", "nope"], "--model 'nope'"),
     (["multi_gpu.py", "--model", "tiny", "--n-prompts", "0"], "--n-prompts 0"),

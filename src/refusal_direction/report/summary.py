@@ -14,7 +14,7 @@ Schema 1 files are still read; those fields are then None.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -56,8 +56,6 @@ class _Plain:
     @classmethod
     def from_json(cls, d: Mapping | _Json):
         """A key may be missing only for a field with a default (one added after the file was written)."""
-        from dataclasses import MISSING
-
         return cls(**{name: d[name] for name, f in cls.__dataclass_fields__.items()
                       if name in d or f.default is MISSING})
 
