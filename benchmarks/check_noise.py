@@ -6,7 +6,7 @@ Random weights of the shape in bf16; next-token logits of n synthetic prompts by
 as one batch, one prompt at a time, and in reverse order, then the same in float32 (the model converted in
 place). Prints each one's relative error against the batch and against float32, by the checks' measure
 (`selection.logits.relative_error`: the largest row's ||a - b|| / ||b - mean(b)||) and over the whole batch (the
-measure session 10's committed numbers used): what two mathematically equal bf16 computations differ by.
+measure benchmarks/results/h200-noise-*.json hold): what two mathematically equal bf16 computations differ by.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     python benchmarks/lora_export_check.py RUN_DIR OUT_DIR [--params JSON]
 
 RUN_DIR is any run directory with candidate directions (after `replicate` or `optimize`); ``--params`` are the
-search-space parameters of the edit (`search.space`; default: the run's selected direction as a subspace of k = 2,
-at its layer and position). Runs `run.optimize_final.export_chosen` with the LoRA option — the code `optimize
---lora` runs — and prints export.json (the merged export's and the adapter's verification). Exit 2 on a bad input.
+search-space parameters of the edit (`edits.methods.composite`; default: the run's selected direction as a
+subspace of k = 2, at its layer and position). Runs `run.optimize_final.export_chosen` with the LoRA option — the
+code `optimize --lora` runs — and prints export.json (the merged export's and the adapter's verification). Exit 2
+on a bad input.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def generation(lm, n_prompts: int, new_tokens: int, batch_size: int) -> dict:
 
     from refusal_direction.bench import no_stop_tokens, synthetic_instructions
     from refusal_direction.core.decoding import GenerationSettings
-    from refusal_direction.core.interventions import Baseline, DirectionalAblation
+    from refusal_direction.edits import Baseline, DirectionalAblation
     from refusal_direction.generation import generate_all
 
     direction = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(1))

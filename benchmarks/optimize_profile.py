@@ -50,23 +50,24 @@ def main(argv=None) -> int:
         print(f"--batch {a.batch}: use at least 1", file=sys.stderr)
         return 2
 
+    from refusal_direction.edits import EditInputs, build
     from refusal_direction.run.direction import stage_direction
     from refusal_direction.run.extract import stage_extract, stage_samples
-    from refusal_direction.run.optimize import OptimizeSettings, _evaluator, optimize_dir
+    from refusal_direction.run.optimize import OptimizeSettings, _evaluator
     from refusal_direction.run.rundir import open_run
-    from refusal_direction.search import build_intervention, complete_trials, open_study
+    from refusal_direction.search import complete_trials, open_study
 
     run = open_run(a.run_dir)
     samples = stage_samples(run)
     candidates = stage_extract(run, samples)
     stage_direction(run, samples, candidates)
     lm = run.lm
-    trials = complete_trials(open_study(optimize_dir(run) / "study.journal", 0))[:a.batch]
+    trials = complete_trials(open_study(run.layout.optimize_study, 0))[:a.batch]
     build_s: dict[str, list[float]] = defaultdict(list)
     ivs = []
     for t in trials:
-        iv, s = timed(build_intervention, lm, candidates, dict(t.params), f"trial{t.number}",
-                      run.config.prune_layer_fraction)
+        inputs = EditInputs(lm, candidates, prune_layer_fraction=run.config.prune_layer_fraction)
+        iv, s = timed(build, inputs, dict(t.params), f"trial{t.number}")
         build_s[t.params["form"]].append(s)
         ivs.append(iv)
     result = {"trials": len(ivs), "build_ms_per_trial": {k: round(1000 * sum(v) / len(v), 2) for k, v in
@@ -102,8 +103,7 @@ def profile_parts(ev, ivs, tables: Path | None = None) -> dict:
     from refusal_direction.generation import generate_all
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    parts = {"generate": lambda: generate_all(ev.lm, list(ev.harmful), list(ivs), ev.settings, backend=ev.backend,
-                                                  step=ev.step),
+    parts = {"generate": lambda: generate_all(ev.lm, list(ev.harmful), list(ivs), ev.settings),
              "kl": lambda: ev.kl(ivs)}
     out = {}
     for name, fn in parts.items():

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 # attention before matmul: PyTorch's attention kernels carry "cutlass" in their names (fmha_cutlassF_...,
-# pytorch_flash::flash_fwd_kernel<... cutlass::bfloat16_t>), which counted them as matrix products until session 11
+# pytorch_flash::flash_fwd_kernel<... cutlass::bfloat16_t>), which would otherwise count them as matrix products
 KINDS = (("attention", ("fmha", "flash", "attention", "efficient", "softmax")),
          ("matmul", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "splitk")),
          ("copy", ("copy", "memcpy", "memset", "cat", "index")),

@@ -80,10 +80,10 @@ for step in "$@"; do
     optkill)  # #17: kill -9 during the search, re-run: the study continues (trial count and best values kept)
       timeout -s KILL "${KILL_AFTER:-45}" python -m refusal_direction optimize --model $GGUF --out $RUNS/optkill \
           --trials 200 --batch-trials 25 --seed 1 --no-export --n-xstest 0 > $RUNS/optkill-1.log 2>&1 || echo "killed: rc $?"
-      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/optkill-before.txt
+      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/study-when-killed.txt
       time rd optimize --model $GGUF --out $RUNS/optkill --trials 200 --batch-trials 25 --seed 1 --no-export --n-xstest 0
-      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/optkill-after.txt
-      keep optkill $RUNS/optkill-before.txt $RUNS/optkill-after.txt $RUNS/optkill/optimize/summary.json;;
+      python benchmarks/study_state.py $RUNS/optkill/optimize/study.journal | tee $RUNS/study-after-rerun.txt
+      keep optkill $RUNS/study-when-killed.txt $RUNS/study-after-rerun.txt $RUNS/optkill/optimize/summary.json;;
     bench8b)  # #18: Llama-3-8B's shape with random weights
       time rd bench --model llama-3-8b-shape --n-prompts 100 --new-tokens 512 --paper-batches 1 \
           --json $RUNS/bench8b.json
@@ -93,7 +93,7 @@ for step in "$@"; do
       tail -25 $RUNS/gputests.txt
       keep gputests $RUNS/gputests.txt;;
     ownreal)  # #18: HF's decode step vs the own one on the real 0.5B: one replicate each (fixed direction, bf16)
-      for s in hf own; do  # each step named explicitly: the default is the own step since session 11
+      for s in hf own; do  # each step named explicitly in a config file (the default is the own step)
         printf 'decode_step = "%s"\n' $s > $RUNS/$s-step.toml
         time rd replicate --model $GGUF --out $RUNS/step-$s --layer 14 --position -1 --no-safety --config $RUNS/$s-step.toml
         keep ownreal-$s $RUNS/step-$s/summary.json $RUNS/step-$s/timings.json $RUNS/step-$s/run.log

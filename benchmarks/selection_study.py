@@ -11,7 +11,7 @@ For each difference-in-means candidate (position, layer) below the pruned layers
 - next-token KL(baseline ‖ ablated) on the harmless evaluation prompts (as `evaluation.capability`).
 
 Every candidate is one condition of one `generation.generate_all` call per prompt set (on CUDA the fast path
-stacks their projections, `core.stacked`). The run directory (samples, candidate directions) is made or
+stacks their projections, `edits.stacked`). The run directory (samples, candidate directions) is made or
 reused as `replicate` would. Output: one JSON file, a row per candidate, plus the baseline counts.
 
     python benchmarks/selection_study.py --model M --out RUN [--config TOML] --json STUDY.json
@@ -41,8 +41,7 @@ def _judged(lm, gens, refused_at_base, prefix_tokens):
 
 def study(model: str, out: Path, config: Path | None, pool_tokens: int, prefix_tokens: int) -> dict:
     from refusal_direction.config import build_config
-    from refusal_direction.core.decoding import GenerationSettings
-    from refusal_direction.core.interventions import Baseline, DirectionalAblation
+    from refusal_direction.edits import Baseline, DirectionalAblation
     from refusal_direction.evaluation.judges import get_judge
     from refusal_direction.evaluation.refusal import is_refusal
     from refusal_direction.generation import generate_all
@@ -66,8 +65,7 @@ def study(model: str, out: Path, config: Path | None, pool_tokens: int, prefix_t
     sets = {"val": [i.text for i in samples.harmful_val], "train": [i.text for i in samples.harmful_train]}
     for name, prompts in sets.items():
         t0 = time.perf_counter()
-        gens = generate_all(lm, prompts, ivs, GenerationSettings(pool_tokens, c.batch_size, c.stop_at_end_of_turn),
-                            progress=True, backend=c.generation_backend, step=c.decode_step)
+        gens = generate_all(lm, prompts, ivs, run.generation.replace(max_new_tokens=pool_tokens))
         base = [is_refusal(lm.tokenizer.decode(g.token_ids[:prefix_tokens], skip_special_tokens=True))
                 for g in gens["base"]]
         record[f"base_{name}"] = _judged(lm, gens["base"], base, prefix_tokens)
@@ -76,8 +74,7 @@ def study(model: str, out: Path, config: Path | None, pool_tokens: int, prefix_t
         record["seconds"][name] = time.perf_counter() - t0
     t0 = time.perf_counter()
     evals = [i.text for i in samples.eval]
-    gens = generate_all(lm, evals, ivs, GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn),
-                        progress=True, backend=c.generation_backend, step=c.decode_step)
+    gens = generate_all(lm, evals, ivs, run.generation)
     learned = get_judge("learned")
     for iv in ivs:
         texts = [g.text for g in gens[iv.name]]

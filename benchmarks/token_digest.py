@@ -5,12 +5,13 @@ synthetic prompts and its two conditions (baseline, directional ablation along t
 generates with the fast path forced to ``--new-tokens``, and prints, per condition, the sha256 of the token ids
 (``json.dumps`` of the list of rows, as the bench's ``token_digest``). Equal digests: identical tokens.
 
-Works against the package layout (``refusal_direction.bench`` package, ``refusal_direction.core``) and the old
-flat one (commit 853c7af: ``refusal_direction.bench`` module, ``refusal_direction.interventions``)::
+Works against this layout (``refusal_direction.edits``) and the one before it (``refusal_direction.core.interventions``,
+up to commit 69bf7a9), so a change of the edits' home can be checked token for token::
 
     PYTHONPATH=src python benchmarks/token_digest.py --model gemma-2b-shape --n-prompts 100 --new-tokens 512 \
         --json new.json
-    PYTHONPATH=/tmp/old853/src python benchmarks/token_digest.py --model gemma-2b-shape --n-prompts 100 \
+    git archive 69bf7a9 src | tar -x -C /tmp/old
+    PYTHONPATH=/tmp/old/src python benchmarks/token_digest.py --model gemma-2b-shape --n-prompts 100 \
         --new-tokens 512 --json old.json
 
 ``--initializer-range 0.08`` makes the random model's completions varied (the bench's default init repeats
@@ -38,11 +39,11 @@ def library():
     from refusal_direction import bench
 
     try:
+        from refusal_direction.edits import Baseline, DirectionalAblation
+        layout = "edits"
+    except ImportError:  # the layout before edits/ (commit 69bf7a9 and earlier)
         from refusal_direction.core.interventions import Baseline, DirectionalAblation
-        layout = "packages"
-    except ImportError:  # the flat layout before the refactor
-        from refusal_direction.interventions import Baseline, DirectionalAblation
-        layout = "flat"
+        layout = "core.interventions"
     return bench, Baseline, DirectionalAblation, layout
 
 

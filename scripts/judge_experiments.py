@@ -1,6 +1,6 @@
 """Every learned-judge configuration tried, with leave-one-file-out (LOFO) and nested LOFO agreement.
 
-Round 2 (``--round 2``, log ``judge_experiments_round2.log``; the v2 model is its configuration 21, although
+Round 2 (``--round 2``; the v2 model is its configuration 21, although
 its mean-LOFO pick was 20, the model alone, below 93 % on mistralinstruct):
 
 - text: the first 300 normalised characters (``open300``) or the full completion (``full``, word
@@ -11,7 +11,7 @@ its mean-LOFO pick was 20, the model alone, below 93 % on mistralinstruct):
 - threshold: 0 on the logit (round 1 also tried a threshold calibrated inside the training files).
 - selection rule: best mean LOFO over the files (``--select mean``).
 
-Round 3 (``--round 3``, the default, log ``judge_experiments_round3.log``; chose the packaged v3 model):
+Round 3 (``--round 3``, the default, log ``judge_experiments.log``; chose the packaged v3 model):
 
 - text ``open300``; features word, char or word+char (beside the rule signals, as before);
 - C in {1, 3, 10, 30}; class weights none or balanced; ``tfidf_weight`` (the n-gram blocks times this

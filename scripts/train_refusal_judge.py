@@ -16,7 +16,7 @@ Configurations (``--config``):
   rules: refusal when logit + 3 * (rule verdict) > 0 (``combine = "rule_bonus"``, ``rule_bonus = 3``), so
   the rule judge's refusals get a head start of 3 on the logit that the n-grams can still overrule (v2's
   OR let the rules' false positives through: in-sample 94.2 % on llama2orig). Configuration 401 of
-  ``scripts/judge_experiments.py --round 3`` (log: ``judge_experiments_round3.log``), picked by the rule
+  ``scripts/judge_experiments.py --round 3`` (log: ``judge_experiments.log``), picked by the rule
   fixed before that run: the best worst-file leave-one-file-out agreement, ties to the best mean. That
   LOFO (96.7 / 94.2 / 93.8 %) is optimistic for the chosen configuration; the nested leave-one-file-out
   estimate of the whole selection procedure is 95.3 / 93.6 / 93.6 % (gpt4 / llama2orig /
@@ -28,11 +28,10 @@ Configurations (``--config``):
   leave-one-file-out numbers with 19,800), sublinear tf, each block L2-normalised; beside the rule
   signals of ``evaluation/judges/rules.py``; ``LogisticRegression(C=10, solver="liblinear")``, no
   class weights, threshold 0 on the logit; verdict = rules OR learned. This is configuration 21 of
-  ``scripts/judge_experiments.py`` (log: ``judge_experiments_round2.log``). It was chosen after seeing
+  ``scripts/judge_experiments.py --round 2``. It was chosen after seeing
   the leave-one-file-out numbers of all three files, so those are optimistic for it; the nested
   leave-one-file-out estimate of the whole selection procedure is 95.8 / 93.8 / 93.6 % (gpt4 /
-  llama2orig / mistralinstruct), stored under ``training_report.selection``. Log:
-  ``train_refusal_judge_v2.log``.
+  llama2orig / mistralinstruct), stored under ``training_report.selection``.
 - ``v1`` (the model before v2, for reproducibility): word 1-2-grams only, lbfgs, the
   logistic regression alone; written in format v1 (one block, keys at the top level).
 
@@ -98,12 +97,11 @@ CONFIGS = {
 NESTED_NOTE = ("per held-out file, the configuration chosen by the same rule on inner LOFO over the other two files, "
                "refitted on both and tested on the held-out one: the estimate of the selection procedure")
 SELECTIONS = {
-    "v2": {"experiments": "scripts/judge_experiments.py --round 2, log scripts/judge_experiments_round2.log, "
-                          "configuration 21",
+    "v2": {"experiments": "scripts/judge_experiments.py --round 2, configuration 21",
            "post_hoc": "chosen after seeing the leave-one-file-out agreement of all three files (optimistic)",
            "nested_lofo": {"gpt4": 0.958, "llama2orig": 0.938, "mistralinstruct": 0.936},
            "nested_lofo_note": NESTED_NOTE},
-    "v3": {"experiments": "scripts/judge_experiments.py --round 3, log scripts/judge_experiments_round3.log, "
+    "v3": {"experiments": "scripts/judge_experiments.py --round 3, log scripts/judge_experiments.log, "
                           "configuration 401 of 432",
            "rule": "best worst-file LOFO agreement, ties to the best mean LOFO, then grid order (fixed before the run)",
            "post_hoc": "chosen by the LOFO agreement of all three files, so that LOFO is optimistic for it; "

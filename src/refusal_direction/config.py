@@ -36,6 +36,12 @@ ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline"
 XSTEST_CONDITIONS = ("xstest_safe_baseline", "xstest_safe_ablation", "xstest_safe_actadd",
                      "xstest_unsafe_baseline", "xstest_unsafe_ablation")
 JUDGE_NAMES = ("substring", "rules", "learned")  # evaluation.judges.JUDGES (checked by a test)
+# The second judge: a run's default is RunConfig.judge (learned); `score FILE` (evaluation.scorefile) adds none
+# unless named, because a completions file is most often a released one (the paper's, XSTest's) whose headline
+# is the substring score: scoring it reproduces that number alone, and a judge beside it is asked for by name.
+FILE_JUDGE = "substring"
+# XSTest's prompt counts (data.xstest): what n_xstest = None ("all") means.
+XSTEST_SIZES = {"xstest_safe": 250, "xstest_unsafe": 200}
 # Fields added after run directories existed: left out of the fingerprint while at their default.
 _LATER_FIELDS = ("xstest", "n_xstest", "judge")
 
@@ -52,6 +58,10 @@ SELECT_TOP_K = 32  # generation rule: candidates (best bypass scores) whose abla
 SELECT_NEW_TOKENS = 32  # generation rule: greedy tokens per validation prompt and candidate
 SELECT_TRAIN_PROMPTS = 128  # generation rule: refused harmful training prompts added to the judged pool
 MIN_VAL_PROMPTS = 16  # the validation filter keeps at least min(this, half the set) prompts of each kind
+
+# `verify-export` (run.export.verify_export): evaluation prompts compared, greedy tokens compared per prompt.
+VERIFY_PROMPTS = 16
+VERIFY_NEW_TOKENS = 32
 
 # The `demo` command: an offline CPU run (<= 15 min on 2 cores); see README "Offline demo" for the reasoning.
 DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -129,6 +139,7 @@ class RunConfig:
     batch_size: int = _f(32, "prompts per batch for extraction and generation")
     stop_at_end_of_turn: bool = _f(False, "stop at the template's end-of-turn token (paper: False, <eos> only)")
     generation_backend: str = _f("auto", "auto (fast on CUDA, hf on CPU) | hf | fast")
+    # (a library call's GenerationSettings keeps "hf": core/decoding.py says why)
     decode_step: str = _f("own", "the fast path's decode step: own (accel/own_step.py; each batch's first step checked "
                           "against HF's, else HF's step) | hf (HF's forward with hooks, the reference)")
     # scoring
@@ -140,8 +151,9 @@ class RunConfig:
     safety_batch_size: int = _f(8, "completions per safety-classifier batch")
     refusal_first_n_tokens: int = _f(64, "extra column: refusal score over the first N tokens only")
     capability: bool = _f(True, "KL and on-distribution CE on the harmless evaluation set per condition")
-    xstest: bool = _f(True, "add the XSTest conditions: over-refusal on its 250 safe prompts (baseline, ablation, "
-                            "+r) and its 200 unsafe contrast prompts (baseline, ablation)")
+    xstest: bool = _f(True, f"add the XSTest conditions: over-refusal on its {XSTEST_SIZES['xstest_safe']} safe "
+                            "prompts (baseline, ablation, +r) and its "
+                            f"{XSTEST_SIZES['xstest_unsafe']} unsafe contrast prompts (baseline, ablation)")
     n_xstest: int | None = _f(None, "XSTest prompts per set (seeded sample, for CPU budgets; default all)")
     judge: str = _f("learned", f"second refusal judge beside the paper's substring score: {', '.join(JUDGE_NAMES)}")
 

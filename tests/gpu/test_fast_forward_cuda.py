@@ -55,7 +55,7 @@ def test_grouped_query_attention_runs_unexpanded_on_flash_bf16():
 
 def test_gqa_probe_answers_for_flash_under_the_selection_restriction():
     """selection builds the decoder inside its SDPA restriction (efficient, math): the probe must still ask flash
-    (session 11: the 8B sweep expanded K/V because the probe saw flash switched off)."""
+    (asked under the restriction it would see flash switched off and expand K/V)."""
     from refusal_direction.core.sdpa import restricted_sdpa
 
     lm = tiny_arch("llama")

@@ -1,7 +1,7 @@
 """On CUDA the fused RMSNorm and rotary stand-ins are swapped in and keep the greedy tokens.
 
 The stand-ins are within one unit in the last place of the modules they replace, which in bf16 can still flip an
-argmax of this tiny random model after some steps (seen on an H200, 2026-12-01): in bf16 each row's first 4 tokens
+argmax of this tiny random model after some steps (it does on an H200): in bf16 each row's first 4 tokens
 must agree, in float32 (where only the rotary stand-in is taken) every token."""
 
 import torch
@@ -11,7 +11,7 @@ from tests.helpers.tiny import tiny_gemma
 
 def test_fused_norms_on_cuda_keep_greedy_tokens():
     from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
-    from refusal_direction.core.interventions import Baseline, DirectionalAblation
+    from refusal_direction.edits import Baseline, DirectionalAblation
 
     for dtype in (torch.bfloat16, torch.float32):
         lm = tiny_gemma(n_layers=3, hidden=64, seed=0)

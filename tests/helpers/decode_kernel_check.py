@@ -16,8 +16,8 @@ import torch  # noqa: E402
 from refusal_direction.accel import folded_attention  # noqa: E402
 from refusal_direction.accel.decode_attention import decode_attention  # noqa: E402
 from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids  # noqa: E402
-from refusal_direction.core.interventions import Baseline, DirectionalAblation  # noqa: E402
 from refusal_direction.core.model import wrap_model  # noqa: E402
+from refusal_direction.edits import Baseline, DirectionalAblation  # noqa: E402
 from tests.helpers.sweep_cases import PROMPTS, tiny_arch  # noqa: E402
 from tests.helpers.tiny import randomize_norms_, tiny_gemma_tokenizer  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
+from refusal_direction.edits import ActivationAddition, Baseline, DirectionalAblation
 
 # Different lengths, so left padding matters (char-level tokenizer: 1 token per character).
 INSTRUCTIONS = ["Hi", "How do I bake bread?", "Write a poem about the sea and the sky, please.", "x",

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers.paths import REPO
 
-# Triton 3.6's interpreter (the H200 image's, 2026-12-01) fails on the decode kernel's loop over a runtime bound
+# Triton 3.6's interpreter (the one in the H200 image) fails on the decode kernel's loop over a runtime bound
 # ("only 0-dimensional arrays can be converted to Python scalars" in `range(0, length, BLOCK_N)`); 3.9's runs it.
 # The compiled kernels are checked on the GPU by tests/gpu/*_cuda.py either way.
 MIN_INTERPRETER = (3, 9)

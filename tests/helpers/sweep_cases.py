@@ -3,8 +3,8 @@ tests, the CUDA tests and the Triton interpreter check), and the reference: HF's
 
 import torch
 
-from refusal_direction.core.interventions import per_row_interventions
 from refusal_direction.core.model import wrap_model
+from refusal_direction.edits import per_row_interventions
 from refusal_direction.selection.logits import last_logits
 from tests.helpers.tiny import randomize_norms_, tiny_gemma, tiny_gemma_tokenizer
 

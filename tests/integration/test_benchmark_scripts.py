@@ -23,8 +23,6 @@ CASES = [
     (["optimize_profile.py", "/no/such/run"], "optimize/study.journal"),
     (["optimize_profile.py", "RUN_WITH_STUDY", "--batch", "0"], "--batch 0"),
     (["lora_export_check.py", "/no/such/run", "/tmp/x"], "candidates.safetensors"),
-    (["own_step_cpu.py", "--model", "/no/such/model"], "--model /no/such/model"),
-    (["own_step_cpu.py", "--model", "tiny", "--new-tokens", "1"], "--new-tokens at least 2"),
     (["sweep_forward_check.py", "--model", "nope"], "--model 'nope'"),
     (["sweep_forward_check.py", "--model", "tiny", "--layers", "0"], "--layers and --prompts"),
     (["check_noise.py", "--model", "nope"], "--model 'nope'"),

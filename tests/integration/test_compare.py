@@ -40,7 +40,8 @@ def test_compare_writes_one_row_per_method(compared):
     _, out = compared
     table = json.loads((out / "compare" / "table.json").read_text())
     names = [r["method"] for r in table["rows"]]
-    assert names == ["baseline", "dim", "projected", "norm_preserving", "layer_kernel", "subspace", "ace", "cosmic"]
+    assert names == ["baseline", "dim", "projected", "norm_preserving", "layer_kernel", "subspace", "ace", "cosmic",
+                     "position_mean"]
     for row in table["rows"]:
         assert row["refusal"]["n"] == 4 and row["over_refusal"]["n"] == 3
         assert row["kl"]["n"] == 3 and row["ce"]["value"] is not None

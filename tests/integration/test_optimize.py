@@ -17,17 +17,15 @@ pytest.importorskip("optuna")
 
 from refusal_direction.core.decoding import GenerationSettings  # noqa: E402
 from refusal_direction.core.directions import CandidateDirections  # noqa: E402
+from refusal_direction.edits import EditInputs, build, interpolated_direction, suggest  # noqa: E402
 from refusal_direction.errors import UserError  # noqa: E402
 from refusal_direction.evaluation.judges import get_judge  # noqa: E402
 from refusal_direction.search import (  # noqa: E402
     TrialEvaluator,
-    build_intervention,
     choose,
     complete_trials,
-    interpolated_direction,
     open_study,
     recover_running,
-    suggest,
 )
 
 SETTINGS = """n_train = 6
@@ -125,18 +123,17 @@ def test_first_trial_is_the_papers_dim_ablation(optimized):
 
 
 def test_rerun_continues_the_study_and_measures_one_at_a_time(optimized):
-    from refusal_direction.run.optimize import OptimizeSettings, optimize_main
-    from refusal_direction.run.outdir import release_all_locks
+    from refusal_direction.config import build_config
+    from refusal_direction.run.optimize import OptimizeSettings, optimize
 
     model, out, toml = optimized
     db = out / "optimize" / "study.journal"
     before = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
     settings = OptimizeSettings(trials=7, batch_trials=3, one_at_a_time=True, search_tokens=3, n_xstest=2,
                                 export=False)
-    try:  # in-process (the CLI is tested above): the same entry point, without a second interpreter start
-        optimize_main(out, str(model), toml, settings, force=False)
-    finally:
-        release_all_locks()
+    # in-process through the Python API (the CLI is tested above), without a second interpreter start
+    result = optimize(build_config({"model": str(model), "safety": False}, toml), out, settings)
+    assert result.summary["n_complete"] == 7 and result.chosen == result.summary["chosen"]
     after = {t.number: t.values for t in complete_trials(open_study(db, seed=0))}
     assert len(after) == 7 and all(after[n] == v for n, v in before.items())
     speed = json.loads((out / "optimize" / "summary.json").read_text())["speed"]
@@ -160,7 +157,7 @@ def tiny_candidates(tiny_lm):
 
 
 PARAMS = [
-    {"position": -1, "layer_index": 0.4, "form": "kernel", "attn_peak": 1.0, "attn_width": 1.5, "attn_max": 1.2,
+    {"position": -1, "layer_index": 0.4, "form": "layer_kernel", "attn_peak": 1.0, "attn_width": 1.5, "attn_max": 1.2,
      "attn_min_fraction": 0.1, "mlp_peak": 0.0, "mlp_width": 2.5, "mlp_max": 0.8, "mlp_min_fraction": 0.5},
     {"position": -2, "layer_index": 1.7, "form": "norm_preserving"},
     {"position": -2, "layer_index": 2.0, "form": "subspace", "k": 3},
@@ -169,8 +166,8 @@ PARAMS = [
 
 def test_batched_evaluation_equals_one_at_a_time(tiny_lm, tiny_candidates):
     ev = TrialEvaluator(tiny_lm, ["How do I pick a lock?", "Write malware."], ["Hi", "What is 2+2?", "Bake bread"],
-                        get_judge("substring"), GenerationSettings(4, 8, True), backend="hf", max_rows=6)
-    ivs = [build_intervention(tiny_lm, tiny_candidates, p, f"t{i}") for i, p in enumerate(PARAMS)]
+                        get_judge("substring"), GenerationSettings(4, 8, True, backend="hf"), max_rows=6)
+    ivs = [build(EditInputs(tiny_lm, tiny_candidates), p, f"t{i}") for i, p in enumerate(PARAMS)]
     together = ev.evaluate(ivs)  # max_rows=6: two trials per KL pass, then one
     for iv, score in zip(ivs, together):
         alone = ev.evaluate([iv])[0]
@@ -185,7 +182,7 @@ def test_kl_pass_out_of_memory_is_retried_with_fewer_trials(tiny_lm, tiny_candid
     from refusal_direction.search import evaluate as search_evaluate
 
     harmless = ["Hi", "What is 2+2?", "Bake bread"]
-    ivs = [build_intervention(tiny_lm, tiny_candidates, p, f"t{i}") for i, p in enumerate(PARAMS)]
+    ivs = [build(EditInputs(tiny_lm, tiny_candidates), p, f"t{i}") for i, p in enumerate(PARAMS)]
     want = TrialEvaluator(tiny_lm, [], harmless, get_judge("substring"), GenerationSettings(4, 8, True)).kl(ivs)
     real, rows_seen = search_evaluate._last_logprobs, []
 

@@ -129,6 +129,13 @@ def test_rerun_skips_completed_stages(tiny_run, tiny_model_dir, guard_dir, data_
     assert any(k.startswith("completions/") for k in before) and "capability.json" in before
 
 
+def test_json_output_is_the_summary_file(tiny_run, tiny_model_dir, guard_dir, data_dir):
+    """``replicate --json`` prints the typed result's summary: exactly summary.json's content, in its order."""
+    r = cli("replicate", "--model", tiny_model_dir, "--data-dir", data_dir, "--out", tiny_run, *TINY_ARGS,
+            "--safety-model", guard_dir, "--json")
+    assert r.stdout.strip() == json.dumps(json.loads((tiny_run / "summary.json").read_text()), indent=2)
+
+
 def test_score_file_with_guard(tiny_run, guard_dir):
     r = cli("score", tiny_run / "completions/jailbreakbench__ablation.jsonl", "--safety-model", guard_dir, "--json")
     result = json.loads(r.stdout)

@@ -1,4 +1,4 @@
-"""Issue 13's five harms and the review's bugs, each as a test that failed before the fix.
+"""Five ways to harm a user's files or lose a run, and other run-directory and input guards: each a test of its guard.
 
 The run directory is never the user's to lose (manifest, lock), non-finite numbers stop the run, a
 placeholder tokenizer is refused, `select --from-scores` reuses the stored layer count and thresholds.
@@ -173,7 +173,7 @@ def test_select_from_our_selection_json_uses_stored_layers_and_thresholds(tmp_pa
     assert json.loads(r.stdout)["chosen"]["layer"] == 18  # 19 layers assumed + KL 0.1 would discard every one
 
 
-# the review's bugs ---------------------------------------------------------------------------------------
+# run-directory and input guards --------------------------------------------------------------------------
 
 def test_config_imports_on_python_310_with_tomli():
     code = ("import sys, tomllib; sys.modules['tomli'] = tomllib; sys.modules['tomllib'] = None; "
@@ -261,7 +261,7 @@ def test_help_shows_every_bracketed_default():
     r = CliRunner().invoke(app, ["replicate", "--help"], env={"COLUMNS": "300"})
     text = "".join(r.output.split())  # click wraps long words across lines
     for default in ("[google/gemma-2b-it]", "[128]", "[baseline,ablation,actadd_negative,harmless_baseline,"
-                    "harmless_actadd]", "[no, as the paper]"):
+                    "harmless_actadd]", "(paper: False, <eos> only) [no]"):
         assert "".join(default.split()) in text, default
 
 

@@ -10,7 +10,7 @@ import torch
 from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.decoding import Generated, GenerationSettings
 from refusal_direction.core.directions import diff_in_means
-from refusal_direction.core.interventions import Baseline, DirectionalAblation
+from refusal_direction.edits import Baseline, DirectionalAblation
 from refusal_direction.errors import UserError
 from refusal_direction.evaluation import refusal
 from refusal_direction.evaluation.refusal import is_refusal
@@ -129,7 +129,7 @@ def test_rule_prefers_fewest_refusals_then_lowest_kl(tiny_lm, candidates, monkey
               CandidateScore(-1, 2, -9.0, math.nan, 0.0), CandidateScore(-3, 1, math.nan, math.nan, 0.0)]
     judged = {}
 
-    def fake_counts(lm, cands, keys, harmful, settings, backend="auto", progress=False, step="hf"):
+    def fake_counts(lm, cands, keys, harmful, settings):
         judged["keys"] = list(keys)
         return [{(-1, 1): 0, (-2, 1): 0, (-1, 0): 2}[k] for k in keys]
 

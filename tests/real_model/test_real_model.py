@@ -1,9 +1,9 @@
 """The method on a real safety-tuned chat model, offline: Qwen2.5-Coder-0.5B-Instruct (GGUF from PyPI).
 
 Kept inside CI's budget: 32 + 32 training prompts, 30 JailbreakBench behaviors, 32 new tokens. The
-direction is layer 15, position -1: what an earlier `refusal-direction demo` selected automatically on this
-model (the current rule picks the neighbouring layer 16, position -1: docs/results/qwen2.5-coder-0.5b-instruct/);
-this test re-extracts it from scratch.
+direction is fixed at layer 15, position -1, a strong candidate on this model (the demo's rule picks the
+neighbouring layer 16, position -1: docs/results/qwen2.5-coder-0.5b-instruct/); this test re-extracts it from
+scratch.
 Skipped when the model cannot be fetched, unless REFUSAL_DIRECTION_REQUIRE_REAL_MODEL=1 (set by CI).
 """
 
@@ -14,15 +14,15 @@ import pytest
 from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.decoding import GenerationSettings
 from refusal_direction.core.directions import diff_in_means
-from refusal_direction.core.interventions import Baseline, DirectionalAblation
 from refusal_direction.data.instructions import sample_sets
+from refusal_direction.edits import Baseline, DirectionalAblation
 from refusal_direction.errors import UserError
 from refusal_direction.evaluation.refusal import is_refusal
 from refusal_direction.generation import generate
 
 pytestmark = pytest.mark.real_model
 
-LAYER, POSITION = 15, -1  # an earlier demo's automatic choice; see the module docstring
+LAYER, POSITION = 15, -1  # a fixed strong candidate; see the module docstring
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_own_decode_step_gives_hf_steps_tokens(qwen, data_dir):
     """The fast path's own decode step (Qwen2 blocks: GQA 14/2 heads, q/k/v biases) on the real weights, float32 on
     the CPU: every forced token of baseline, ablation and activation-addition rows equals HF's step."""
     from refusal_direction.accel.fast_generation import generate_fast_ids, prompt_ids
-    from refusal_direction.core.interventions import ActivationAddition
+    from refusal_direction.edits import ActivationAddition
 
     s = sample_sets(data_dir, n_train=8, n_val=1, n_eval=6, n_harmless_eval=1)
     harmful = mean_resid_pre(qwen, [i.text for i in s.harmful_train], batch_size=8)

@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports only from lower layers or its own package):
 
-    errors -> fileio -> config  ->  data, core  ->  methods  ->  accel  ->  generation  ->  evaluation  ->  selection
+    errors -> fileio -> config  ->  data, core  ->  edits  ->  accel  ->  generation  ->  evaluation  ->  selection
     ->  export  ->  report  ->  run  ->  bench  ->  cli  ->  __main__
 
 (data and core are peers: neither imports the other.)
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "refusal_direction"  # tests/unit/ -> repository root
-LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("methods",), ("accel",), ("generation",),
+LAYERS = [("errors",), ("fileio",), ("config",), ("data", "core"), ("edits",), ("accel",), ("generation",),
           ("evaluation",), ("selection",), ("export",), ("search",), ("report",), ("run",), ("bench",), ("cli",),
           ("__main__",)]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
@@ -193,3 +193,88 @@ def test_statement_count():
     fn = ast.parse("def f(x):\n    if x:\n        y = 1\n        return y\n    def g():\n        a = 1\n        b = 2\n"
                    "    return 0\n").body[0]
     assert statements(fn) == 5  # if, y =, return y, def g, return 0 (g's body is g's)
+
+
+# --- the edits' home: one class per method, dispatched by its own forms, never by its type ----------------------
+
+# the edit forms' names distinctive enough to mean an edit (``hooks``/``describe`` are also accelerate's, rich's, ...)
+EDIT_FORM_METHODS = {"projection", "stack", "row_form", "weights_", "from_run", "from_params", "register_hooks",
+                     "projection_form", "stack_hooks"}
+
+
+def edit_class_names() -> set[str]:
+    from refusal_direction.edits import registry
+
+    names = set()
+    for cls in registry().values():
+        names.update(c.__name__ for c in cls.__mro__ if c.__module__.startswith("refusal_direction.edits.methods"))
+    return names
+
+
+def edit_dispatch(path: Path, classes: set[str]) -> list[str]:
+    """``isinstance``/``issubclass``/``type(x) is`` on an edit class, and ``hasattr``/``getattr`` on an edit form, in
+    ``path`` (file:line and the code)."""
+    found = []
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        names: set[str] = set()
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id in ("isinstance", "issubclass") and len(node.args) == 2:
+                names = {n.id if isinstance(n, ast.Name) else getattr(n, "attr", "") for n in ast.walk(node.args[1])}
+                names &= classes
+            elif (node.func.id in ("hasattr", "getattr") and len(node.args) >= 2
+                  and isinstance(node.args[1], ast.Constant)):
+                names = {node.args[1].value} & EDIT_FORM_METHODS
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot, ast.Eq)) for op in node.ops):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Call) and isinstance(s.func, ast.Name) and s.func.id == "type" for s in sides):
+                names = {s.id for s in sides if isinstance(s, ast.Name)} & classes
+        if names:
+            found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_edit_class_dispatch_outside_edits():
+    classes = edit_class_names()
+    assert {"DirectionalAblation", "SubspaceAblation", "Baseline"} <= classes, classes
+    found = [hit for p in source_files() if "edits" not in p.relative_to(PACKAGE).parts
+             for hit in edit_dispatch(p, classes)]
+    assert not found, "dispatch on edit classes outside edits/ (give the edit a form instead):\n" + "\n".join(found)
+
+
+def test_the_dispatch_checker_sees_planted_dispatch(tmp_path, monkeypatch):
+    pkg = tmp_path / "refusal_direction"
+    pkg.mkdir()
+    bad = pkg / "bad.py"
+    bad.write_text("def f(iv):\n    if isinstance(iv, (SubspaceAblation, int)):\n        return 1\n"
+                   "    if type(iv) is DirectionalAblation:\n        return 2\n"
+                   "    return hasattr(iv, 'projection_form') or isinstance(iv, Edit)\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    hits = edit_dispatch(bad, {"SubspaceAblation", "DirectionalAblation"})
+    assert [h.split()[0] for h in hits] == ["bad.py:2", "bad.py:4", "bad.py:6"], hits
+
+
+def test_every_registered_edit_has_each_form_or_a_reason():
+    from refusal_direction.edits import FORMS, has_form, registry
+
+    missing = [f"{name}: {form}" for name, cls in registry().items() for form in FORMS
+               if not has_form(cls, form) and not cls.reasons.get(form)]
+    assert not missing, "forms neither implemented nor given a reason in `reasons`:\n" + "\n".join(missing)
+    stated = [f"{name}: {form}" for name, cls in registry().items() for form in cls.reasons
+              if form not in FORMS or (has_form(cls, form) and form != "lora")]
+    assert not stated, "a reason for a form the edit has, or for no known form:\n" + "\n".join(stated)
+
+
+def test_has_form_tells_implemented_from_inherited():
+    from refusal_direction.edits import AffineAddition, DirectionalAblation, NormPreservingAblation, has_form
+
+    assert has_form(DirectionalAblation, "weights") and has_form(DirectionalAblation, "stacked")
+    assert not has_form(AffineAddition, "weights") and not has_form(AffineAddition, "stacked")
+    assert has_form(NormPreservingAblation, "stacked") and not has_form(NormPreservingAblation, "lora")
+
+
+def test_the_accel_boundary_holds():
+    """Outside `accel`, code imports the package (`refusal_direction.accel`), never one of its modules."""
+    crossing = [f"{module_name(p)} imports {t}" for p in source_files() if unit_of(module_name(p)) != "accel"
+                for t in imported_modules(p) if t.startswith("refusal_direction.accel.")]
+    assert not crossing, "\n".join(crossing)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
+from refusal_direction.edits import ActivationAddition, Baseline, DirectionalAblation
 from refusal_direction.evaluation.capability import completion_cross_entropy, next_token_kl
 from tests.helpers.tiny import tiny_gemma
 
@@ -26,7 +26,7 @@ def r(lm):
 def hand_kl(lm, instruction, intervention, reverse=False):
     """KL(baseline ‖ intervened) (``reverse``: KL(intervened ‖ baseline)) of the next-token distributions after one
     prompt, run alone (no padding), in float64."""
-    from refusal_direction.core.interventions import apply_intervention
+    from refusal_direction.edits import apply_intervention
 
     ids = torch.tensor([lm.tokenizer(lm.format(instruction), add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_kl_equals_a_hand_computation_on_unpadded_prompts(lm, r, kind, batch_siz
 
 
 def test_a_shared_baseline_gives_the_same_kls_and_is_computed_once_per_batch(lm, r, monkeypatch):
-    from refusal_direction.core.interventions import Baseline
+    from refusal_direction.edits import Baseline
     from refusal_direction.evaluation import capability
 
     ivs = [DirectionalAblation(r, name="a"), ActivationAddition(r * 10, layer=0, name="b")]
@@ -74,7 +74,7 @@ def test_a_shared_baseline_gives_the_same_kls_and_is_computed_once_per_batch(lm,
 
 def hand_ce(lm, instruction, completion, intervention):
     """One example at a time, no padding: sum of -log p over the completion tokens, and their count."""
-    from refusal_direction.core.interventions import apply_intervention
+    from refusal_direction.edits import apply_intervention
 
     prompt = lm.tokenizer(lm.format(instruction), add_special_tokens=False)["input_ids"]
     comp = lm.tokenizer(completion, add_special_tokens=False)["input_ids"]

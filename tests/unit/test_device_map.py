@@ -8,15 +8,15 @@ import torch
 from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.decoding import GenerationSettings, generate_hf
 from refusal_direction.core.directions import Direction
-from refusal_direction.core.interventions import (
+from refusal_direction.core.model import load_model
+from refusal_direction.core.placement import DeviceCopies, parse_device_map, parse_max_memory, placement_note
+from refusal_direction.edits import (
     ActivationAddition,
     Baseline,
     DirectionalAblation,
     apply_intervention,
     per_row_interventions,
 )
-from refusal_direction.core.model import load_model
-from refusal_direction.core.placement import DeviceCopies, parse_device_map, parse_max_memory, placement_note
 from refusal_direction.errors import UserError
 from refusal_direction.evaluation.capability import next_token_kl
 from refusal_direction.export import export_model

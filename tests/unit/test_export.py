@@ -7,14 +7,13 @@ import pytest
 import torch
 
 from refusal_direction.core.directions import Direction
-from refusal_direction.core.interventions import DirectionalAblation, apply_intervention
 from refusal_direction.core.model import wrap_model
+from refusal_direction.edits import DirectionalAblation, apply_intervention, orthogonalize_weights_
 from refusal_direction.errors import UserError
 from refusal_direction.export import (
     EXPORT_INFO,
     direction_digest,
     export_model,
-    orthogonalize_weights_,
     read_export_info,
     verify_export,
 )

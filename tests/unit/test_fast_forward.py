@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from refusal_direction.accel.fast_forward import RowInterventions, SweepDecoder
-from refusal_direction.core.interventions import per_row_interventions
 from refusal_direction.core.model import wrap_model
+from refusal_direction.edits import per_row_interventions
 from refusal_direction.selection.logits import opening_cache
 from tests.helpers.sweep_cases import prompt_ids, reference_logits, row_interventions, tiny_arch
 from tests.helpers.tiny import tiny_gemma_tokenizer

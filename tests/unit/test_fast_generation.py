@@ -20,7 +20,7 @@ from refusal_direction.accel.fast_generation import (
 )
 from refusal_direction.bench import IdTokenizer
 from refusal_direction.core.decoding import GenerationSettings, generate_hf, greedy_config
-from refusal_direction.core.interventions import Baseline, apply_intervention
+from refusal_direction.edits import Baseline, apply_intervention
 from tests.helpers.generation_cases import INSTRUCTIONS, conditions
 from tests.helpers.tiny import tiny_gemma
 
@@ -106,7 +106,7 @@ def test_prompt_sets_in_one_batch_give_each_sets_own_tokens(lm):
     loop, the tokens of each set decoded alone (float32), rows only for the pairs asked for; names that collide
     across sets without being the same object are refused."""
     from refusal_direction.accel.fast_generation import generate_fast_sets
-    from refusal_direction.core.interventions import ActivationAddition
+    from refusal_direction.edits import ActivationAddition
 
     settings = GenerationSettings(max_new_tokens=12, batch_size=4, stop_at_end_of_turn=True)
     base, ablation, add = conditions(lm)

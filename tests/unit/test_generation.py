@@ -3,7 +3,7 @@
 import torch
 
 from refusal_direction.core.decoding import GenerationSettings, generate_hf
-from refusal_direction.core.interventions import Baseline, DirectionalAblation
+from refusal_direction.edits import Baseline, DirectionalAblation
 from tests.helpers.prompts import PROMPTS
 
 

@@ -5,7 +5,7 @@ import torch
 
 from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.directions import diff_in_means
-from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
+from refusal_direction.edits import ActivationAddition, Baseline, DirectionalAblation, apply_intervention
 from tests.helpers.prompts import PROMPTS
 
 

@@ -7,10 +7,8 @@ import copy
 import pytest
 import torch
 
-from refusal_direction.core.interventions import DirectionalAblation
-from refusal_direction.export.method_edits import method_weights_, norm_preserving_ablation
-from refusal_direction.export.method_export import verify_method_export
-from refusal_direction.methods import LayerKernelAblation, SubspaceAblation
+from refusal_direction.edits import DirectionalAblation, LayerKernelAblation, SubspaceAblation, norm_preserving_ablation
+from refusal_direction.export import verify_method_export
 from tests.helpers.tiny import tiny_family_lm
 
 pytest.importorskip("peft")
@@ -36,7 +34,7 @@ def test_low_rank_edits_become_an_adapter_that_reproduces_the_hooks(family, form
     lm = tiny_family_lm(family)
     iv, rank = _edits(lm)[form]
     edited = copy.deepcopy(lm.model)
-    method_weights_(edited, iv)
+    (iv).weights_(edited)
     factors = lora_factors(lm.model, edited)
     assert all(a.shape[0] == rank for a, _ in factors.values())  # the edit's own rank, found numerically
     writers = {n for n in factors if n.endswith(("o_proj", "down_proj"))}
@@ -63,12 +61,12 @@ def test_full_rank_and_bias_changing_edits_are_refused():
     lm = tiny_family_lm("gemma-untied")
     r = torch.randn(lm.d_model, dtype=torch.float64)
     edited = copy.deepcopy(lm.model)
-    method_weights_(edited, norm_preserving_ablation(lm, r))
+    (norm_preserving_ablation(lm, r)).weights_(edited)
     with pytest.raises(LoraUnsupported, match="norm-preserving"):
         lora_factors(lm.model, edited)
     gpt2 = tiny_family_lm("gpt2")  # Conv1D writers with biases: the ablation edits the biases too
     edited = copy.deepcopy(gpt2.model)
-    method_weights_(edited, DirectionalAblation(torch.randn(gpt2.d_model, dtype=torch.float64)))
+    (DirectionalAblation(torch.randn(gpt2.d_model, dtype=torch.float64))).weights_(edited)
     with pytest.raises(LoraUnsupported, match="bias|Conv1D"):
         lora_factors(gpt2.model, edited)
     with pytest.raises(LoraUnsupported, match="no weight"):
@@ -81,9 +79,13 @@ def test_a_bfloat16_export_gets_the_reason_instead_of_an_adapter():
 
     from refusal_direction.run.optimize_final import _lora_factors
 
-    got = _lora_factors(SimpleNamespace(dtype=torch.bfloat16, model=None), None)
+    got = _lora_factors(SimpleNamespace(dtype=torch.bfloat16, model=None), None, DirectionalAblation(torch.ones(4)))
     assert set(got) == {"skipped"} and "bfloat16" in got["skipped"] and "merged export" in got["skipped"]
     lm = tiny_family_lm("gemma-untied")
     edited = copy.deepcopy(lm.model)
-    method_weights_(edited, DirectionalAblation(torch.randn(lm.d_model, dtype=torch.float64)))
-    assert set(_lora_factors(lm, edited)) == {"factors"}
+    ablation = DirectionalAblation(torch.randn(lm.d_model, dtype=torch.float64))
+    ablation.weights_(edited)
+    assert set(_lora_factors(lm, edited, ablation)) == {"factors"}
+    norm_kept = norm_preserving_ablation(lm, ablation.direction)
+    got = _lora_factors(lm, edited, norm_kept)  # its stated reason, before any factoring
+    assert set(got) == {"skipped"} and "full-rank" in got["skipped"] and got["skipped"].startswith("norm_preserving")

@@ -11,26 +11,25 @@ import copy
 import pytest
 import torch
 
-from refusal_direction.core.directions import CandidateDirections
-from refusal_direction.core.interventions import Baseline, DirectionalAblation, apply_intervention
+from refusal_direction.core.directions import CandidateDirections, Direction
 from refusal_direction.core.padding import position_ids
-from refusal_direction.errors import UserError
-from refusal_direction.export.method_edits import (
-    embedding_gain,
-    method_weights_,
-    norm_preserving_ablation,
-    norm_preserving_weights_,
-)
-from refusal_direction.methods import (
+from refusal_direction.edits import (
     AffineAblation,
     AffineAddition,
+    Baseline,
+    DirectionalAblation,
     LayerKernelAblation,
+    NormPreservingAblation,
     SubspaceAblation,
     ace_offset,
+    apply_intervention,
+    embedding_gain,
     layer_kernel,
+    norm_preserving_ablation,
     projected_direction,
     refusal_subspace,
 )
+from refusal_direction.errors import UserError
 from tests.helpers.tiny import tiny_family_lm as family_lm
 from tests.helpers.tiny import tiny_gemma
 
@@ -92,7 +91,7 @@ def test_every_weight_form_equals_its_hooks(family):
     for name, iv in methods(lm).items():
         hooked = logits(lm, intervention=iv)
         edited = copy.deepcopy(lm.model)
-        method_weights_(edited, iv)
+        (iv).weights_(edited)
         diff = (logits(lm, edited) - hooked).abs().max().item()
         print(family, name, f"max |dlogit| {diff:.3g}")
         assert diff <= 1e-4, (family, name, diff)
@@ -129,18 +128,18 @@ def test_ace_sets_the_harmless_mean_projection_and_addition_the_harmful_one():
     assert ((xs[1] @ r) - add.target).abs().max().item() <= 1e-4 * max(1.0, abs(add.target))
     assert ((residuals(lm, Baseline())[0] - xs[0]).abs().max().item()) == 0  # before the layer: untouched
     with pytest.raises(UserError, match="no weight form"):
-        method_weights_(copy.deepcopy(lm.model), add)
+        (add).weights_(copy.deepcopy(lm.model))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_norm_preserving_keeps_each_written_vector_norm_and_removes_r(family):
-    from refusal_direction.export.orthogonalize import _embeddings, _is_conv1d, find_residual_writers
+    from refusal_direction.edits.weights import _embeddings, _is_conv1d, find_residual_writers
 
     lm = family_lm(family)
     r = torch.randn(lm.d_model, dtype=torch.float64)
     r_hat = r / r.norm()
     edited = copy.deepcopy(lm.model)
-    norm_preserving_weights_(edited, r)
+    NormPreservingAblation(r, (), ()).weights_(edited)
 
     def vectors(model):
         from refusal_direction.core.model import find_blocks
@@ -163,7 +162,7 @@ def test_norm_preserving_keeps_each_written_vector_norm_and_removes_r(family):
 def test_norm_preserving_hook_scales_are_the_float64_ratio_and_follow_weight_changes():
     """The hook form's writer scales (cached ‖v‖², float32 v·r̂) equal ‖v‖ / ‖(I − P) v‖ computed in float64;
     an edited weight is seen by the next build (the norm cache follows the weight's version)."""
-    from refusal_direction.export.orthogonalize import _is_conv1d
+    from refusal_direction.edits.weights import _is_conv1d
 
     lm = family_lm("gpt2")  # Conv1D writers with biases
     r = torch.randn(lm.d_model, dtype=torch.float64)
@@ -226,12 +225,11 @@ def test_projected_direction_is_orthogonal_to_the_harmless_mean_and_gain_probe()
 
 @pytest.mark.parametrize("family", ["gemma-tied", "gpt2"])
 def test_export_and_verify_each_weight_form(family, tmp_path):
-    from refusal_direction.export import load_exported
-    from refusal_direction.export.method_export import export_method_model, verify_method_export
+    from refusal_direction.export import export_edit, load_exported, verify_method_export
 
     lm = family_lm(family)
     for name, iv in methods(lm).items():
-        out = export_method_model(lm, iv, tmp_path / name)
+        out = export_edit(lm, iv, tmp_path / name)
         result = verify_method_export(lm, load_exported(out), iv, PROMPTS, max_new_tokens=6)
         assert result["ok"], (family, name, result)
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in lm.model.modules())
@@ -242,16 +240,39 @@ def test_export_of_a_dequantized_gguf_model_drops_its_quantizer(tmp_path):
     real 0.5B on the GPU: `optimize`'s export failed); the export drops it from the copy, not from the source."""
     from types import SimpleNamespace
 
-    from refusal_direction.export import load_exported
-    from refusal_direction.export.method_export import export_method_model, verify_method_export
+    from refusal_direction.export import export_edit, load_exported, verify_method_export
 
     lm = family_lm("gemma-tied")
     quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))  # no is_serializable()
     lm.model.hf_quantizer = quantizer
     try:
         iv = methods(lm)["projected"]
-        out = export_method_model(lm, iv, tmp_path / "gguf-like")
+        out = export_edit(lm, iv, tmp_path / "gguf-like")
         assert lm.model.hf_quantizer is quantizer  # the source model is left as it was
         assert verify_method_export(lm, load_exported(out), iv, PROMPTS, max_new_tokens=4)["ok"]
     finally:
         lm.model.hf_quantizer = None
+
+
+def test_every_export_is_staged_the_same_way(tmp_path):
+    """One staged export for every method: the directory's mode follows the umask, as a plain DiM export's does
+    (a private 0o700 temporary directory must not survive the rename), and one provenance schema."""
+    import os
+    import stat
+
+    from refusal_direction.export import export_edit, export_model, read_export_info
+
+    lm = family_lm("gemma-tied")
+    direction = Direction(torch.randn(lm.d_model, dtype=torch.float64), 1, -1)
+    umask = os.umask(0o022)
+    try:
+        dirs = {"dim": export_model(lm, direction, tmp_path / "dim")}
+        dirs |= {name: export_edit(lm, iv, tmp_path / name) for name, iv in methods(lm).items()}
+    finally:
+        os.umask(umask)
+    modes = {name: stat.S_IMODE(d.stat().st_mode) for name, d in dirs.items()}
+    assert set(modes.values()) == {0o755}, modes
+    keys = {name: tuple(read_export_info(d)) for name, d in dirs.items()}
+    assert len(set(keys.values()) - {keys["dim"]}) <= 1, keys  # DiM's adds only its "direction" block
+    assert {"method", "edit", "what_changed"} <= set(keys["dim"]) and "direction" in keys["dim"]
+    assert read_export_info(dirs["subspace"])["method"] == "subspace"

@@ -13,8 +13,7 @@ from refusal_direction.accel.fast_forward import BUILT_DECODER
 from refusal_direction.accel.fast_generation import generate_fast, generate_fast_ids, prompt_ids
 from refusal_direction.accel.own_step import decoder_for, row_interventions
 from refusal_direction.core.decoding import GenerationSettings
-from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
-from refusal_direction.methods.interventions import SubspaceAblation
+from refusal_direction.edits import ActivationAddition, Baseline, DirectionalAblation, SubspaceAblation
 from tests.helpers.generation_cases import INSTRUCTIONS, conditions
 from tests.helpers.sweep_cases import tiny_arch
 from tests.helpers.tiny import tiny_family_lm
@@ -170,8 +169,8 @@ def test_a_wrong_own_step_is_caught_on_the_first_step(monkeypatch):
 
 
 def test_pipeline_generation_takes_the_configured_step(caplog):
-    """`generation.generate_all` hands ``step`` to the fast path (the pipeline passes `Config.decode_step`, whose
-    default is the own step), and the fast path's log line says which step decoded."""
+    """`generation.generate_all` hands ``settings.step`` to the fast path (a run's settings carry
+    `RunConfig.decode_step`, whose default is the own step), and the fast path's log line says which step decoded."""
     from refusal_direction.config import RunConfig
     from refusal_direction.generation import generate_all
 
@@ -182,7 +181,7 @@ def test_pipeline_generation_takes_the_configured_step(caplog):
     for step in ("own", "hf"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="refusal_direction.accel.fast_generation"):
-            generate_all(lm, INSTRUCTIONS[:2], [Baseline()], settings, backend="fast", step=step)
+            generate_all(lm, INSTRUCTIONS[:2], [Baseline()], settings.replace(backend="fast", step=step))
         logged[step] = " ".join(r.getMessage() for r in caplog.records if "fast generation:" in r.getMessage())
     assert "own decode step with SDPA" in logged["own"], logged
     assert logged["hf"] and "own decode step" not in logged["hf"], logged

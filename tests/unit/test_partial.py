@@ -10,7 +10,7 @@ from refusal_direction.accel import fast_generation, static_decode
 from refusal_direction.accel.fast_generation import generate_fast_sets
 from refusal_direction.accel.partial import PartialResults, intervention_digest, unit_key
 from refusal_direction.core.decoding import GenerationSettings
-from refusal_direction.core.interventions import ActivationAddition, Baseline, DirectionalAblation
+from refusal_direction.edits import ActivationAddition, Baseline, DirectionalAblation
 from tests.helpers.generation_cases import INSTRUCTIONS, conditions
 from tests.helpers.tiny import tiny_gemma
 

@@ -280,7 +280,7 @@ def test_summary_without_a_field_is_rejected_with_the_fix():
 def test_summary_with_unknown_or_missing_version_is_rejected():
     data = synthetic_run()[0].to_json()
     with pytest.raises(UserError,
-                       match=r"old/summary.json has schema_version 99; .* reads schema_version 1 or 2\. Re-run"):
+                       match=r"old/summary.json has schema_version 99; .* reads schema_version 2\. Re-run"):
         Summary.from_json({**data, "schema_version": 99}, source="old/summary.json")
     data.pop("schema_version")
     with pytest.raises(UserError, match=r"old/summary.json has no schema_version"):

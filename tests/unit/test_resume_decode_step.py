@@ -9,6 +9,7 @@ import pytest
 
 from refusal_direction.errors import UserError
 from refusal_direction.run.generate import check_backend
+from refusal_direction.run.layout import RunLayout
 
 
 def _run(tmp_path, env: dict | None, done: bool):
@@ -17,7 +18,7 @@ def _run(tmp_path, env: dict | None, done: bool):
         (tmp_path / "environment.json").write_text(json.dumps(env))
     if done:
         (tmp_path / "completions" / "baseline.jsonl").write_text("{}\n")
-    return SimpleNamespace(out=tmp_path, config=SimpleNamespace(conditions=("baseline",)),
+    return SimpleNamespace(out=tmp_path, layout=RunLayout(tmp_path), config=SimpleNamespace(conditions=("baseline",)),
                            completions_path=lambda cond: tmp_path / "completions" / f"{cond}.jsonl")
 
 
@@ -33,12 +34,12 @@ def test_a_new_run_records_backend_and_step(tmp_path):
     assert _env(tmp_path)["decode_step"] is None
 
 
-def test_a_run_from_before_the_step_was_recorded_resumes_only_on_hfs_step(tmp_path):
-    run = _run(tmp_path, {"generation_backend": "fast"}, done=True)  # fast path, session 10 or older: HF's step
-    with pytest.raises(UserError, match="on the 'hf' decode step; resuming on 'own'") as err:
-        check_backend(run, "fast", False, "own")
-    assert 'decode_step = "hf"' in str(err.value) and "--force" in str(err.value)
-    check_backend(run, "fast", False, "hf")
+def test_a_fast_run_without_a_recorded_step_resumes_on_neither_step(tmp_path):
+    run = _run(tmp_path, {"generation_backend": "fast"}, done=True)  # environment.json has no decode_step
+    for step in ("own", "hf"):
+        with pytest.raises(UserError, match="does not record the decode step.*--force"):
+            check_backend(run, "fast", False, step)
+    check_backend(run, "fast", True, "hf")  # --force regenerates: the step is recorded
     assert _env(tmp_path)["decode_step"] == "hf"
 
 
@@ -54,16 +55,14 @@ def test_a_step_switch_stops_unless_forced_and_not_before_any_completion(tmp_pat
     assert _env(tmp_path / "x")["decode_step"] == "hf"
 
 
-def test_summary_settings_written_before_the_step_was_recorded_still_load():
+def test_summary_settings_need_every_key():
     from refusal_direction.report.summary import Settings, _Json
 
     full = Settings(max_new_tokens=512, stop_at_end_of_turn=False, dtype="bfloat16", device="cuda:0", n_train=128,
                     n_eval=100, safety_model=None, safety_mode="logprob", safety_short_is_safe=False,
                     refusal_matching="substring", generation_backend="fast", decode_step="own").to_json()
     assert Settings.from_json(_Json(full, "summary.settings", "summary.json")).decode_step == "own"
-    old = {k: v for k, v in full.items() if k not in ("generation_backend", "decode_step")}
-    back = Settings.from_json(_Json(old, "summary.settings", "summary.json"))
-    assert back.decode_step is None and back.generation_backend is None and back.max_new_tokens == 512
-    del old["dtype"]  # a field without a default is still required
-    with pytest.raises(UserError, match="summary.settings has no 'dtype'"):
-        Settings.from_json(_Json(old, "summary.settings", "summary.json"))
+    for key in ("decode_step", "dtype"):  # with a default or without one: the writer always writes it
+        partial = {k: v for k, v in full.items() if k != key}
+        with pytest.raises(UserError, match=f"summary.settings has no '{key}'"):
+            Settings.from_json(_Json(partial, "summary.settings", "summary.json"))

@@ -1,11 +1,12 @@
-"""Bad values of the newer options (optimize, compare, selection rule, device map) are refused before loading."""
+"""Bad values of the optimize, compare, selection-rule and device-map options are refused before loading."""
 
 from __future__ import annotations
 
 import pytest
 
+from refusal_direction.config import RunConfig
 from refusal_direction.errors import UserError
-from refusal_direction.run.compare import compare_main
+from refusal_direction.run.compare import compare
 from refusal_direction.run.optimize import OptimizeSettings
 
 
@@ -22,7 +23,7 @@ def test_optimize_settings_refuse_bad_values(kw, needle):
                                                        (None, -1, "--n-xstest -1")])
 def test_compare_refuses_bad_options_before_loading(tmp_path, methods, n_xstest, needle):
     with pytest.raises(UserError, match=needle):  # the model does not exist: only the option check can answer
-        compare_main(tmp_path / "run", str(tmp_path / "no-such-model"), methods, n_xstest, None, False)
+        compare(RunConfig(model=str(tmp_path / "no-such-model")), tmp_path / "run", methods=methods, n_xstest=n_xstest)
 
 
 @pytest.mark.parametrize("key, value, needle", [("select_rule", "nope", "select_rule='nope': use generation or paper"),
@@ -51,7 +52,8 @@ def test_a_bad_gguf_weights_cache_switch_is_refused(monkeypatch):
 
 def test_a_damaged_study_journal_is_a_user_error(tmp_path):
     pytest.importorskip("optuna")
-    from refusal_direction.search import open_study, suggest
+    from refusal_direction.edits import suggest
+    from refusal_direction.search import open_study
 
     db = tmp_path / "study.journal"
     study = open_study(db, seed=0)

@@ -5,7 +5,8 @@ import pytest
 
 pytest.importorskip("optuna")
 
-from refusal_direction.search import complete_trials, open_study, suggest  # noqa: E402
+from refusal_direction.edits import suggest  # noqa: E402
+from refusal_direction.search import complete_trials, open_study  # noqa: E402
 from refusal_direction.search.study import batched_writes  # noqa: E402
 
 

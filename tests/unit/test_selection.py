@@ -11,7 +11,7 @@ import torch
 
 from refusal_direction.core.activations import mean_resid_pre
 from refusal_direction.core.directions import diff_in_means
-from refusal_direction.core.interventions import ActivationAddition, DirectionalAblation, apply_intervention
+from refusal_direction.edits import ActivationAddition, DirectionalAblation, apply_intervention
 from refusal_direction.errors import UserError
 from refusal_direction.report.selection_figure import plot_selection_heatmaps
 from refusal_direction.selection import (

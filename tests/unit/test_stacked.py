@@ -1,19 +1,21 @@
-"""`core.stacked`: many interventions in one batch, the projection forms stacked into one hook per site."""
+"""`edits.stacked`: many interventions in one batch, the projection forms stacked into one hook per site."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from refusal_direction.core.interventions import (
+from refusal_direction.core.padding import position_ids
+from refusal_direction.edits import (
     ActivationAddition,
     Baseline,
     DirectionalAblation,
+    LayerKernelAblation,
+    SubspaceAblation,
     apply_intervention,
+    layer_kernel,
 )
-from refusal_direction.core.padding import position_ids
-from refusal_direction.core.stacked import apply_interventions, project_rows
-from refusal_direction.methods import LayerKernelAblation, SubspaceAblation, layer_kernel
+from refusal_direction.edits.stacked import apply_interventions, project_rows
 
 PROMPTS = ["How do I pick a lock?", "Write a poem about the sea.", "What is 2+2?"]
 
@@ -121,7 +123,7 @@ def test_fast_generation_with_stacked_conditions_gives_hf_generates_tokens(tiny_
 @pytest.mark.parametrize("family", ["gemma", "llama-biases", "gpt2"])
 def test_norm_preserving_ablations_stack_and_equal_each_alone(tiny_lm, family):
     """Also with writer biases (their per-row shifts) and GPT-2's Conv1D writers and learned positions."""
-    from refusal_direction.export.method_edits import norm_preserving_ablation
+    from refusal_direction.edits import norm_preserving_ablation
     from tests.helpers.tiny import tiny_family_lm
 
     lm = tiny_lm if family == "gemma" else tiny_family_lm(family)

@@ -18,7 +18,7 @@ interventions built in:
 - queries, keys and values come from one matrix product;
 - grouped-query attention reads each KV head for its query heads (SDPA's ``enable_gqa``) where flash attention
   takes it (CUDA, bf16/fp16), instead of copying keys and values per query head (8B sweep on an H200: memory-
-  efficient attention 0.50 s + 0.49 s of copies → flash 0.39 s, session 11);
+  efficient attention with expanded K/V 0.50 s + 0.49 s of copies, flash with K/V unexpanded 0.39 s);
 - on CUDA with Triton (`triton_kernels`), ablation + residual add + ablation + addition + the next RMSNorm
   are one kernel, act(gate) · up is one, the rotary embedding of queries and keys is one. Each is used only
   if it reproduces its PyTorch chain on probe inputs (`sweep_kernels.Kernels.build`).
@@ -308,7 +308,7 @@ def _flash_takes_gqa(like: torch.Tensor, n_heads: int, n_kv: int, head_dim: int)
     """Whether flash attention takes grouped-query K/V unexpanded for both calls `SweepDecoder._run` makes: causal
     over equal query and key lengths (no prefix), and — with the prefix's lower-right `CausalBias` — the
     non-causal parameters SDPA's bias dispatch checks before it calls the flash kernel itself (flash refuses
-    ``is_causal`` with unequal lengths). Elsewhere (CPU, float32, no flash) K/V are expanded as before, since
+    ``is_causal`` with unequal lengths). Elsewhere (CPU, float32, no flash) K/V are expanded per query head, since
     ``enable_gqa`` might then run on the math kernel."""
     if like.device.type != "cuda" or like.dtype not in (torch.bfloat16, torch.float16):
         return False
@@ -320,11 +320,11 @@ def _flash_takes_gqa(like: torch.Tensor, n_heads: int, n_kv: int, head_dim: int)
             k = torch.empty(2, n_kv, k_len, head_dim, device=like.device, dtype=like.dtype)
             return bool(can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, causal, True)))
 
-        # asked with flash enabled: the decoder may be built under selection's SDPA restriction (efficient, math),
-        # where the probe would answer "no" for flash being switched off, not for the shapes (the 8B sweep ran
-        # with K/V expanded for that reason until session 11); the sweep's own call enables flash itself, so
-        # grouped-query attention in bf16/fp16 runs on flash whatever SDPA backends the caller restricted to
-        # (the restriction is there to keep cuDNN's per-shape plans out; flash builds none)
+        # asked with flash enabled: the decoder may be built under selection's SDPA restriction (efficient,
+        # math), where the probe would answer "no" for flash being switched off, not for the shapes; the sweep's
+        # own call enables flash itself, so grouped-query attention in bf16/fp16 runs on flash whatever SDPA
+        # backends the caller restricted to (the restriction is there to keep cuDNN's per-shape plans out; flash
+        # builds none)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return probe(8, 8, True) and probe(8, 12, False)
     except (ImportError, TypeError, RuntimeError) as exc:  # torch without enable_gqa in SDPAParams

@@ -41,8 +41,8 @@ import torch
 
 from ..core.batching import run_batched
 from ..core.decoding import Generated, GenerationSettings, generate_hf, stop_ids
-from ..core.interventions import Intervention
 from ..core.model import LoadedModel
+from ..edits import Intervention
 from .folded_attention import FOLDED_SDPA, folded_gqa_attention, folded_sdpa_attention
 from .own_step import STEPS
 from .partial import PartialResults, intervention_digest, unit_key

@@ -1,7 +1,7 @@
 """The fast path's decode step without HF's module forwards: the sweep forward's fused pieces on a static cache.
 
 HF's decoder runs about 42 kernels per block and decode step at gemma-2b shape with the fast path's hooks and
-fusions (761 per step; 2026-11-29 profile): the norms, their casts, the rotary arithmetic, two kernels per
+fusions (761 per step in a kernel profile): the norms, their casts, the rotary arithmetic, two kernels per
 ablation site, the residual adds, the cache writes. For the standard pre-norm decoder block that
 `fast_forward.SweepDecoder` recognises (Llama, Mistral, Qwen2, Gemma), `OwnStep` runs a decode step on that
 decoder's pieces instead, reading and writing the `StaticCache` HF's prefill filled:
@@ -23,8 +23,8 @@ use, and on the real Qwen2.5-Coder-0.5B); the element-wise kernels are the sweep
 use, and each batch's first decode step runs on both steps (`static_decode._Decoder.checked_own_step`): the own
 step goes on only if its logits are HF's within `OWN_STEP_TOLERANCE`. Chosen with ``step="own"``
 (`fast_generation.generate_fast`; the Python API's default stays HF's step, the reference) and by the pipeline's
-``decode_step = "own"`` (the config's default since session 11). Measured on one H200 (BENCHMARKS.md "Session
-11"): the real Qwen2.5-Coder-0.5B's replicate generation 7.8 s vs 9.4 s on HF's step, refusal counts equal within
+``decode_step = "own"`` (the config's default). Measured on one H200 (BENCHMARKS.md "Generation" and "The real
+model"): the real Qwen2.5-Coder-0.5B's replicate generation 7.8 s vs 9.4 s on HF's step, refusal counts equal within
 one per set; random-weight gemma-2b / Llama-3-8B shapes 1.79 / 5.16 s vs 2.41 / 6.45 s on repeat calls (a
 process's first call also compiles the Triton kernels, ~1.5 s on an empty Triton cache).
 
@@ -41,8 +41,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, unit
 from ..core.model import LoadedModel
+from ..edits import Edit
 from .fast_forward import RowInterventions, SweepDecoder, shared_decoder
 from .folded_attention import decode_kernel_for
 
@@ -53,26 +53,23 @@ OWN_STEP_TOLERANCE = 5e-2  # largest relative logit difference from HF's step on
 
 
 def row_interventions(lm: LoadedModel, interventions: Sequence, condition: torch.Tensor) -> RowInterventions | str:
-    """The interventions of a batch whose row b runs ``interventions[condition[b]]``, or why they have no form here.
-
-    Directions and vectors in the model's dtype, made as the hooks make them (``unit(direction)``; ``coeff ·
-    direction`` in float64, then cast)."""
+    """The interventions of a batch whose row b runs ``interventions[condition[b]]`` (each edit's ``row_form``), or
+    why they have no form here. Directions and vectors in the model's dtype, made as the hooks make them."""
     n, d = len(interventions), lm.d_model
     dirs = torch.zeros(n, d, dtype=lm.dtype, device=lm.device)
     adds = torch.zeros_like(dirs)
     layers = [-1] * n
+    has_dirs = False
     for c, iv in enumerate(interventions):
-        if type(iv) is DirectionalAblation:
-            dirs[c] = unit(iv.direction).to(device=lm.device, dtype=lm.dtype)
-        elif type(iv) is ActivationAddition:
-            if not 0 <= iv.layer < lm.n_layers:
-                raise ValueError(f"layer={iv.layer} out of range (0..{lm.n_layers - 1})")
-            adds[c] = (iv.coeff * iv.direction.double()).to(device=lm.device, dtype=lm.dtype)
-            layers[c] = iv.layer
-        elif type(iv) is not Baseline:
-            return f"intervention {iv.name!r} ({type(iv).__name__}) is not baseline, ablation or addition"
+        form = iv.row_form(lm) if isinstance(iv, Edit) else None
+        if form is None:
+            why = iv.reasons.get("own_step", "") if isinstance(iv, Edit) else "not an edits.Edit"
+            return f"intervention {iv.name!r} ({type(iv).__name__}) has no own-step form: {why}"
+        if form.ablate is not None:
+            dirs[c], has_dirs = form.ablate, True
+        if form.add is not None:
+            adds[c], layers[c] = form.add, form.layer
     condition = condition.to(lm.device)
-    has_dirs = any(type(iv) is DirectionalAblation for iv in interventions)
     has_adds = any(layer >= 0 for layer in layers)
     return RowInterventions(dirs[condition] if has_dirs else None, adds[condition] if has_adds else None,
                             tuple(layers[c] for c in condition.tolist()) if has_adds else None)

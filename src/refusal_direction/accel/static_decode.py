@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.head import packed_head_input
-from ..core.interventions import Intervention
 from ..core.model import LoadedModel
 from ..core.padding import left_pad, pad_id, position_ids
-from ..core.stacked import apply_interventions
+from ..edits import Intervention
+from ..edits.stacked import apply_interventions
 from .folded_attention import folded_gqa_attention
 from .fusion import fused_kernels, restricted_sdpa
 from .own_step import OWN_STEP_TOLERANCE, foreign_hooks, own_step_for

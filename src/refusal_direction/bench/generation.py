@@ -14,8 +14,8 @@ from typing import Iterator, Sequence
 import torch
 
 from ..accel import FastResult, generate_fast_ids, prompt_ids
-from ..core.interventions import Intervention, apply_intervention
 from ..core.model import LoadedModel
+from ..edits import Intervention, apply_intervention
 from .timing import sync
 
 log = logging.getLogger(__name__)

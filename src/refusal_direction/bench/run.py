@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from ..accel import prompt_ids
-from ..core.interventions import Baseline, DirectionalAblation, Intervention
 from ..core.model import LoadedModel
+from ..edits import Baseline, DirectionalAblation, Intervention
 from ..errors import UserError
 from .generation import agreement, fast_generate, fast_variants, paper_generate, time_fast, time_paper, token_digests
 from .stages import time_activations, time_selection

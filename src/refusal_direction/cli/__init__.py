@@ -1,12 +1,15 @@
 """Command-line interface (``refusal-direction``): `common` (the app, logging, errors), `run_commands`
 (replicate, stages, score, report, demo), `tools` (export, verify-export, fetch-model, select, bench, compare),
-`optimize` (the Optuna search)."""
+`optimize` (the Optuna search), `card` (the report card); `options` generates the options from the settings'
+fields (`RunConfig`, `OptimizeSettings`, `CardSettings`). Each command calls the Python API
+(`run.pipeline.replicate`, `run.reselect.select`, `run.export`, `run.compare`, `run.optimize`, `run.card`, ...) and
+only prints its result."""
 
 from __future__ import annotations
 
 import sys
 
-from . import optimize, run_commands, tools  # noqa: F401  (registers the commands on the app)
+from . import card, optimize, run_commands, tools  # noqa: F401  (registers the commands on the app)
 from .common import INTERRUPTED, app
 
 __all__ = ["app", "main"]

@@ -73,13 +73,10 @@ def user_errors(fn):
     return wrapper
 
 
-def _overrides(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-# Options shared by replicate and demo -------------------------------------------------------------
+# Options that are not config keys (those are generated from RunConfig's fields: cli.options) ---------------
 OUT = typer.Option(..., "--out", help="run directory (created; an existing one of the same config resumes)")
 CONFIG = typer.Option(None, "--config", help="TOML file with config keys (CLI flags override it)")
-DEVICE_MAP = typer.Option(None, help="dispatch over GPUs/CPU/disk: auto | balanced | sequential | FILE.json")
-MAX_MEMORY = typer.Option(None, help="memory per device for --device-map, e.g. 0=60GiB,cpu=200GiB")
+RUNS_OWN = "the run's"  # the shown default of a config option on a command that reopens a run directory
+# compare's and optimize's XSTest prompts: the first N safe ones, 0: none; unset: all, as n_xstest in a run
+N_XSTEST_SAFE = typer.Option(None, "--n-xstest", help="XSTest safe prompts (the first N), 0: skip [all]")
 

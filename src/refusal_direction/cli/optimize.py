@@ -1,37 +1,48 @@
-"""The ``optimize`` command: an Optuna search for the least damaging edit that removes refusal (run.optimize)."""
+"""The ``optimize`` command: an Optuna search for the least damaging edit that removes refusal (`run.optimize`);
+its options are generated from `run.optimize_settings.OptimizeSettings`' fields."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import typer
-
+from ..run.optimize_settings import OPTIMIZE_FIELDS
 from .common import CONFIG, OUT, app, setup_logging, user_errors
+from .options import config_options
 
 
 @app.command()
 @user_errors
-def optimize(
-    out: Path = OUT,
-    model: str | None = typer.Option(None, help="HF Hub id, directory or .gguf file"),
-    config: Path | None = CONFIG,
-    trials: int = typer.Option(200, help="complete trials the study should hold (a re-run continues the study)"),
-    batch_trials: int = typer.Option(50, help="trials evaluated together per batch"),
-    seed: int = typer.Option(0, help="the sampler's seed"),
-    one_at_a_time: bool = typer.Option(False, "--one-at-a-time",
-                                       help="batch size 1 (measures the batched speed-up in the same run)"),
-    target: float = typer.Option(0.03, help="refusal target of the choice rule"),
-    search_tokens: int = typer.Option(32, help="greedy tokens per harmful validation prompt during the search"),
-    n_xstest: int = typer.Option(250, help="XSTest safe prompts in the final evaluation, 0: skip"),
-    export: bool = typer.Option(True, "--export/--no-export", help="export and verify the chosen edit"),
-    lora: bool = typer.Option(False, "--lora", help="also write the chosen edit as a peft LoRA adapter (exact for "
-                              "the low-rank forms; refused, with the reason, for the norm-preserving one)"),
-    force: bool = False,
-) -> None:
+@config_options("model")
+@config_options(*(n for n in OPTIMIZE_FIELDS if n != "max_kl_rows"), fields=OPTIMIZE_FIELDS, parameter="search")
+def optimize(out: Path = OUT, overrides: dict | None = None, config: Path | None = CONFIG, search: dict | None = None,
+             force: bool = False) -> None:
     """Search direction, layer kernels, norm preservation and subspace size for low refusal at low KL (OUT/optimize)."""
-    from ..run.optimize import OptimizeSettings, optimize_main
+    from ..config import build_config
+    from ..run.optimize import OptimizeSettings
+    from ..run.optimize import optimize as run_optimize
 
-    settings = OptimizeSettings(trials=trials, batch_trials=batch_trials, seed=seed, one_at_a_time=one_at_a_time,
-                                target=target, search_tokens=search_tokens, n_xstest=n_xstest, export=export,
-                                lora=lora)
-    print(optimize_main(out, model, config, settings, force, setup_logging))
+    settings = OptimizeSettings(**search)  # bad values fail before the model loads
+    setup_logging(out)
+    cfg = build_config({**overrides, "safety": False}, config)
+    print(summary_text(run_optimize(cfg, out, settings, force=force, progress=True).summary, out))
+
+
+def summary_text(summary: dict, out: Path) -> str:
+    """The search's outcome in a few lines: counts, speed, the choice, the final rows, the export."""
+    c = summary["chosen"]
+    lines = [f"trials complete: {summary['n_complete']} (failed/retried: {summary['n_failed']}); "
+             f"front: {len(summary['front'])} trials",
+             f"speed: {summary['speed']}",
+             f"chosen: trial {c['number']} ({c['params']['form']}), validation refusal {c['refusal']:.3f}, "
+             f"KL {c['kl']:.4f}" if c else "chosen: none"]
+    if summary.get("final"):
+        for r in summary["final"]["rows"]:
+            lines.append(f"  {r['edit']}: JBB refusal {r['refusal']['rate']:.3f}, KL {r['kl']['value']:.4f}")
+    if summary.get("export"):
+        lines.append(f"export: {summary['export']['dir']} (verified: {summary['export']['verify']['ok']})")
+        lora = summary["export"].get("lora")
+        if lora:
+            lines.append(f"LoRA adapter: {lora['dir']} (rank {lora['rank']}, verified: {lora['verify']['ok']})"
+                         if "dir" in lora else f"LoRA adapter: not written ({lora['skipped']})")
+    lines.append(f"outputs: {Path(out) / 'optimize'}")
+    return "\n".join(lines)

@@ -7,46 +7,18 @@ from pathlib import Path
 
 import typer
 
-from ..config import DEMO_MODEL
+from ..config import DEMO_MODEL, DEMO_SETTINGS, FIELDS, FILE_JUDGE, JUDGE_NAMES
 from ..errors import UserError
-from .common import CONFIG, DEVICE_MAP, MAX_MEMORY, OUT, _console, _overrides, app, setup_logging, user_errors
+from .common import CONFIG, OUT, RUNS_OWN, _console, app, setup_logging, user_errors
+from .options import config_options
 
 
 @app.command()
 @user_errors
+@config_options()
 def replicate(
     out: Path = OUT,
-    model: str | None = typer.Option(None, help="HF Hub id, local directory or .gguf file [google/gemma-2b-it]"),
-    data_dir: str | None = typer.Option(None, help="data directory laid out like datasets/ "
-                                                       "[$REFUSAL_DIRECTION_DATA, else pinned download]"),
-    harmful_train: str | None = typer.Option(None, help="named set or file [harmful_train]"),
-    harmless_train: str | None = typer.Option(None, help="named set or file [harmless_train]"),
-    eval: str | None = typer.Option(None, "--eval", help="named set or file [jailbreakbench]"),
-    n_train: int | None = typer.Option(None, help="training instructions per set [128]"),
-    n_val: int | None = typer.Option(None, help="validation instructions per set, for --select auto [32]"),
-    n_eval: int | None = typer.Option(None, help="harmful evaluation instructions [100]"),
-    n_harmless_eval: int | None = typer.Option(None, help="harmless evaluation instructions [100]"),
-    max_new_tokens: int | None = typer.Option(None, help="greedy tokens per completion [512]"),
-    batch_size: int | None = typer.Option(None, help="prompts per batch [32]"),
-    layer: int | None = typer.Option(None, help="direction layer (gemma-2b-it default 10)"),
-    position: int | None = typer.Option(None, help="direction position, negative (gemma-2b-it default -2)"),
-    select: str | None = typer.Option(None, help="fixed | auto | default [default]"),
-    select_rule: str | None = typer.Option(None, help="automatic selection rule: generation | paper [generation]"),
-    conditions: str | None = typer.Option(None, help="comma-separated conditions "
-                                                        "[baseline,ablation,actadd_negative,harmless_baseline,harmless_actadd]"),
-    stop_at_end_of_turn: bool | None = typer.Option(None, "--stop-at-end-of-turn/--no-stop-at-end-of-turn",
-                                                       help="stop at the end-of-turn token [no, as the paper]"),
-    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N [auto]"),
-    device_map: str | None = DEVICE_MAP, max_memory: str | None = MAX_MEMORY,
-    dtype: str | None = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]"),
-    safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
-    no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
-    require_safety: bool = typer.Option(False, "--require-safety", help="fail if the safety model cannot load"),
-    chat_template: str | None = typer.Option(None, help="Jinja chat template file"),
-    direction_file: str | None = typer.Option(None, help="use a saved direction (.safetensors) instead"),
-    xstest: bool | None = typer.Option(None, "--xstest/--no-xstest", help="XSTest over-refusal conditions [on]"),
-    n_xstest: int | None = typer.Option(None, help="XSTest prompts per set, seeded sample [all: 250 safe, 200 unsafe]"),
-    judge: str | None = typer.Option(None, help="second refusal judge beside the substring score [learned]"),
+    overrides: dict | None = None,  # every RunConfig field, as --kebab-name (cli.options)
     config: Path | None = CONFIG,
     force: bool = typer.Option(False, "--force", help="recompute stages; another config's run: delete only its files"),
     json_out: bool = typer.Option(False, "--json", help="quiet; print summary.json to stdout"),
@@ -55,50 +27,32 @@ def replicate(
     """Run the whole replication: samples, extraction, direction, generation, scores, report."""
     from ..config import build_config
 
-    overrides = _overrides(model=model, data_dir=data_dir, harmful_train=harmful_train, harmless_train=harmless_train,
-                           eval=eval, n_train=n_train, n_val=n_val, n_eval=n_eval, n_harmless_eval=n_harmless_eval,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, layer=layer, position=position,
-                           select=select, select_rule=select_rule, conditions=conditions,
-                           stop_at_end_of_turn=stop_at_end_of_turn,
-                           device=device, dtype=dtype, safety_model=safety_model, chat_template=chat_template,
-                           direction_file=direction_file, device_map=device_map, max_memory=max_memory,
-                           xstest=xstest, n_xstest=n_xstest, judge=judge,
-                           safety=False if no_safety else None, require_safety=True if require_safety else None)
-    cfg = build_config(overrides, config)
-    run_all(out, cfg, force, json_out, verbose)
+    run_all(out, build_config(overrides, config), force, json_out, verbose)
 
 
-def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool, loader=None) -> dict:
+def run_all(out: Path, cfg, force: bool, json_out: bool, verbose: bool) -> None:
+    """`replicate` (the Python API, `run.pipeline.replicate`) with the terminal's logging, lock and output."""
     from ..run.outdir import acquire_lock
     from ..run.preflight import check_paths
 
     check_paths(out, cfg, force)  # before torch is imported: a wrong --out answers at once
     setup_logging(out, quiet=json_out, verbose=verbose)
     acquire_lock(out)
-    from ..run import pipeline
-    from ..run.rundir import process_age_s
+    from ..run.pipeline import replicate as replicate_run
 
-    imported = process_age_s()  # interpreter start-up and the imports until here
-    run = pipeline.start_run(out, cfg, force=force, progress=not json_out, loader=loader)
-    if imported is not None:
-        run.timing("startup_s", imported)
-    summary = pipeline.replicate(run, force=force)
-    age = process_age_s()
-    if age is not None:  # this process's whole time: start-up, preflight, the stages it ran (or skipped), report
-        run.timing("process_s", age)
+    result = replicate_run(cfg, out, force=force, progress=not json_out)
     if json_out:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result.summary.to_json(), indent=2))
     else:
-        print_summary(summary, out)
-    return summary
+        print_summary(result.summary, out)
 
 
-def print_summary(summary: dict, out: Path) -> None:
+def print_summary(s, out: Path) -> None:
+    """A run's `report.Summary` as a table, and where its report is."""
     from rich.table import Table
 
-    from ..report.summary import Summary
+    from ..run.layout import RunLayout
 
-    s = Summary.from_json(summary, source=out / "summary.json")
     d = s.direction
     t = Table(title=f"{s.model} - direction layer {d.layer}, position {d.position} ({d.selected_by})")
     judge = next((c.judge for c in s.conditions.values() if c.judge), None)
@@ -112,13 +66,13 @@ def print_summary(summary: dict, out: Path) -> None:
                   *((f"{jr.rate:.2f} [{jr.ci95[0]:.2f}, {jr.ci95[1]:.2f}]" if jr else "—",) if judge else ()))
     console = _console()
     console.print(t)
-    console.print(f"report: {out / 'report.md'}")
+    console.print(f"report: {RunLayout(out).report_md}")
 
 
-def _stage(run_dir: Path, fn_name: str, force: bool, verbose: bool, **overrides) -> None:
+def _stage(run_dir: Path, fn_name: str, force: bool, verbose: bool, overrides: dict | None = None) -> None:
     from ..run import pipeline
 
-    run = pipeline.open_run(run_dir, _overrides(**overrides), progress=True)
+    run = pipeline.open_run(run_dir, overrides or {}, progress=True)
     setup_logging(run_dir, verbose=verbose)
     pipeline.run_stage(run, fn_name, force)
 
@@ -133,13 +87,12 @@ def extract(run_dir: Path = typer.Argument(..., help="run directory"),
 
 @app.command()
 @user_errors
+@config_options("batch_size", "device", "device_map", "max_memory", default_text=RUNS_OWN)
 def generate(run_dir: Path = typer.Argument(..., help="run directory"),
              force: bool = typer.Option(False, "--force"), verbose: bool = typer.Option(False, "-v"),
-             batch_size: int | None = typer.Option(None), device: str | None = typer.Option(None),
-             device_map: str | None = DEVICE_MAP, max_memory: str | None = MAX_MEMORY) -> None:
+             overrides: dict | None = None) -> None:
     """Generate completions for every condition of an existing run directory."""
-    _stage(run_dir, "generate", force, verbose, batch_size=batch_size, device=device, device_map=device_map,
-           max_memory=max_memory)
+    _stage(run_dir, "generate", force, verbose, overrides)
 
 
 @app.command()
@@ -151,8 +104,8 @@ def score(
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
     safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     require_safety: bool = typer.Option(False, "--require-safety"),
-    judge: str | None = typer.Option(None, help="second refusal judge: substring | rules | learned [file: substring; "
-                                                "run: the run's config, learned]"),
+    judge: str | None = typer.Option(None, help=f"second refusal judge: {' | '.join(JUDGE_NAMES)} [file: {FILE_JUDGE}; "
+                                                f"run: the run's config, {FIELDS['judge'].default}]"),
     judge_model: str | None = typer.Option(None, "--judge-model", help="a local chat model (Hub id or directory) as "
                                            "the LLM judge with XSTest's rubric (files only)"),
     judge_device: str = typer.Option("auto", help="device of --judge-model"),
@@ -164,7 +117,7 @@ def score(
 
         result = score_file(target, safety_model=None if no_safety else safety_model,
                             require_safety=require_safety, judge=llm_judge_from_model(judge_model, judge_device)
-                            if judge_model else (judge or "substring"))
+                            if judge_model else (judge or FILE_JUDGE))
         print(json.dumps(result, indent=2) if json_out else "\n".join(describe_result(result, target.name)))
         return
     from ..run import pipeline
@@ -184,7 +137,9 @@ def score(
     if json_out:
         print(json.dumps(summary, indent=2))
     else:
-        print_summary(summary, target)
+        from ..report.summary import Summary
+
+        print_summary(Summary.from_json(summary, source=run.layout.summary), target)
 
 
 @app.command()
@@ -202,11 +157,10 @@ def report(run_dir: Path = typer.Argument(..., help="run directory")) -> None:
 
 @app.command()
 @user_errors
+@config_options("data_dir", "n_eval", "max_new_tokens", defaults=DEMO_SETTINGS)
 def demo(
     out: Path = typer.Option(Path("runs") / DEMO_MODEL, "--out", help="run directory"),
-    data_dir: str | None = typer.Option(None, help="data directory [$REFUSAL_DIRECTION_DATA, else download]"),
-    n_eval: int | None = typer.Option(None, help="harmful evaluation instructions [100]"),
-    max_new_tokens: int | None = typer.Option(None, help="greedy tokens per completion [demo: 64]"),
+    overrides: dict | None = None,
     config: Path | None = CONFIG,
     force: bool = typer.Option(False, "--force"),
     json_out: bool = typer.Option(False, "--json"),
@@ -214,13 +168,10 @@ def demo(
 ) -> None:
     """Offline real-model demo on CPU: Qwen2.5-Coder-0.5B-Instruct (from PyPI), automatic selection,
     baseline vs ablation on the 100 JailbreakBench behaviors, report."""
-    from ..config import DEMO_SETTINGS, build_config
+    from ..config import build_config
     from ..core.fetch import fetch_model
 
     setup_logging(None, quiet=json_out)
     path = fetch_model(DEMO_MODEL, progress=not json_out)
-    cfg = build_config(_overrides(data_dir=data_dir, n_eval=n_eval, max_new_tokens=max_new_tokens),
-                       config, base={**DEMO_SETTINGS, "model": str(path)})
+    cfg = build_config(overrides, config, base={**DEMO_SETTINGS, "model": str(path)})
     run_all(out, cfg, force, json_out, verbose)
-
-

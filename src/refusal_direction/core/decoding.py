@@ -9,14 +9,16 @@ completions run past ``<end_of_turn>``); decoding skips special tokens, as the p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from ..config import RunConfig
 from .batching import run_batched
-from .interventions import Intervention, apply_intervention
+from .hooks import Intervention, apply_intervention
 from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """Everything a generation call needs besides the model, prompts and interventions: one value, passed whole.
+
+    ``step`` defaults to ``"hf"`` here and to ``"own"`` in a run (`RunConfig.decode_step`), for one reason: a run
+    records its step in environment.json and refuses to resume on another one (in bf16 the two steps round
+    differently), while a library call keeps no such record, so its default is the reference step, whose tokens
+    are HF generate's (exactly so in float32). ``GenerationSettings.from_config`` takes a run's choice.
+    """
+
     max_new_tokens: int = 512  # the paper's budget
     batch_size: int = 32  # prompts per batch (halved automatically on CUDA out-of-memory)
     stop_at_end_of_turn: bool = False  # paper: False (stops at <eos> only)
+    backend: str = "auto"  # generation.BACKENDS: auto (the fast path on one CUDA device, else HF generate) | fast | hf
+    step: str = "hf"  # the fast path's decode step: hf | own (accel.own_step); see above for the default
+    progress: bool = False  # show progress bars
+
+    @classmethod
+    def from_config(cls, config: RunConfig, progress: bool = False) -> GenerationSettings:
+        """A run's generation settings: its budget, batch size, stopping rule, backend and decode step."""
+        return cls(config.max_new_tokens, config.batch_size, config.stop_at_end_of_turn,
+                   config.generation_backend, config.decode_step, progress)
+
+    def replace(self, **changes) -> GenerationSettings:
+        """A copy with ``changes`` (e.g. ``max_new_tokens=32`` for selection's short answers)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)

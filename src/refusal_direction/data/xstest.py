@@ -108,3 +108,9 @@ def is_xstest_completions(path: Path) -> bool:
     with open(path, encoding="utf-8", newline="") as f:
         header = next(csv.reader(f), [])
     return {"completion", "final_label"} <= set(header)
+
+
+def first_prompts(kind: str, data_dir, n: int | None) -> list:
+    """The first ``n`` prompts of ``kind`` (``xstest_safe`` | ``xstest_unsafe``): all when ``n`` is None, none for 0
+    (`compare` and `optimize`'s final evaluation; a run's own XSTest conditions use a seeded sample instead)."""
+    return [] if n == 0 else load_xstest_prompts(kind, data_dir)[:n]

@@ -20,9 +20,9 @@ from typing import Sequence, Union
 import torch
 
 from ..core.batching import run_batched
-from ..core.interventions import Baseline, Intervention, apply_intervention
 from ..core.model import LoadedModel
 from ..core.sdpa import restricted_sdpa
+from ..edits import Baseline, Edit, Intervention, apply_intervention
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def next_token_kl(
     cache = {} if baseline is None else baseline
 
     def step(batch):
-        if isinstance(intervention, Baseline):
+        if isinstance(intervention, Edit) and intervention.identity:
             return [0.0] * len(batch)
         key = tuple(batch)
         if key not in cache:

@@ -1,13 +1,13 @@
-"""Export stage: bake directional ablation into the weights (`orthogonalize`), save the model (`save`), and
-check that the saved model matches the hooks (`verify`); `stream` does the edit shard by shard on the files, for
-models bigger than memory."""
+"""Export stage: save a model with an edit's weight form baked in (`save.export_edit`, any method; `export_model`,
+the DiM direction), the provenance and README around it (`card`), and check that the saved model matches the hooks
+(`verify`); `stream` does the DiM edit shard by shard on the files, for models bigger than memory; `lora` writes the
+low-rank edits as a peft adapter. The weight forms themselves are the edits' own (`edits`)."""
 
 from .card import EXPORT_INFO, direction_digest
-from .orthogonalize import EditedWeights, check_dense, find_residual_writers, orthogonalize_weights_, untie_embeddings_
-from .save import export_model, load_exported, read_export_info
+from .save import export_edit, export_model, load_exported, read_export_info
 from .stream import export_streaming, residual_roles
-from .verify import check_same_direction, default_tol, verify_export
+from .verify import check_same_direction, default_tol, verify_export, verify_method_export
 
-__all__ = ["EditedWeights", "orthogonalize_weights_", "check_dense", "untie_embeddings_", "find_residual_writers",
-           "export_model", "direction_digest", "read_export_info", "load_exported", "verify_export", "EXPORT_INFO",
-           "check_same_direction", "default_tol", "export_streaming", "residual_roles"]
+__all__ = ["EXPORT_INFO", "check_same_direction", "default_tol", "direction_digest", "export_edit", "export_model",
+           "export_streaming", "load_exported", "read_export_info", "residual_roles", "verify_export",
+           "verify_method_export"]

@@ -1,6 +1,7 @@
 """The files around an exported model's weights: the staged output directory, the provenance JSON and the README.
 
-Shared by the in-memory export (`save.export_model`) and the streaming one (`stream.export_streaming`).
+One for every export: the in-memory one of any edit (`save.export_edit`) and the streaming one of the DiM edit
+(`stream.export_streaming`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,9 +19,10 @@ from typing import Iterator
 import torch
 
 from ..core.directions import Direction
+from ..edits import Edit
+from ..edits.weights import EditedWeights
 from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
-from .orthogonalize import EditedWeights
 
 EXPORT_INFO = "refusal_direction_export.json"
 
@@ -71,13 +74,13 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def provenance(model_id: str, revision: str | None, source_format: str, saved_dtype: str, direction: Direction,
-               edited: EditedWeights, run_info: dict) -> dict:
-    """The export's provenance record (written as EXPORT_INFO and summarized in the README)."""
+def provenance(model_id: str, revision: str | None, source_format: str, saved_dtype: str, edit: Edit,
+               edited: EditedWeights, run_info: dict, direction: Direction | None = None) -> dict:
+    """The export's provenance record (written as EXPORT_INFO and summarized in the README): the method, its
+    parameters (``edit.describe()``), the direction it was made from when there is one, what was changed."""
     from .. import __version__
 
-    vec = direction.vector.double().cpu().contiguous()
-    return {
+    info = {
         "tool": "refusal-direction",
         "tool_version": __version__,
         "purpose": "safety research and evaluation only; not for deployment or upload",
@@ -86,19 +89,23 @@ def provenance(model_id: str, revision: str | None, source_format: str, saved_dt
         "source_revision": revision,
         "source_format": source_format,
         "saved_dtype": saved_dtype,
-        "edit": "directional ablation baked into weights (orthogonalization against r̂)",
-        "direction": {
-            "layer": direction.layer,
-            "position": direction.position,
-            "norm": float(vec.norm()),
-            "d_model": int(vec.shape[-1]),
-            "model_id": direction.model_id,
-            "sha256_float64": direction_digest(direction),
-        },
-        "untied_lm_head": edited.untied,
-        "edited_parameters": list(edited.names),
-        "run": run_info,
+        "method": edit.method,
+        "name": edit.name,
+        "edit": edit.describe(),
     }
+    if direction is not None:
+        vec = direction.vector.double().cpu().contiguous()
+        info["direction"] = {"layer": direction.layer, "position": direction.position, "norm": float(vec.norm()),
+                             "d_model": int(vec.shape[-1]), "model_id": direction.model_id,
+                             "sha256_float64": direction_digest(direction)}
+    return info | {"untied_lm_head": edited.untied, "edited_parameters": list(edited.names), "run": run_info,
+                   "what_changed": _what_changed(edit)}
+
+
+def _what_changed(edit: Edit) -> str:
+    """The edit's method as its own file documents it (the module docstring's first paragraph)."""
+    doc = sys.modules[type(edit).__module__].__doc__ or type(edit).__doc__ or edit.method
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def direction_digest(direction: Direction | torch.Tensor) -> str:
@@ -107,38 +114,44 @@ def direction_digest(direction: Direction | torch.Tensor) -> str:
     return hashlib.sha256(vector.double().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def _direction_rows(info: dict) -> str:
+    d = info.get("direction")
+    if not d:
+        return ""
+    return (f"| direction layer (block input) | {d['layer']} |\n"
+            f"| direction position | {d['position']} (counted from the end of the prompt) |\n"
+            f"| direction norm ‖r‖ | {d['norm']:.6g} |\n"
+            f"| direction sha256 (float64 bytes) | `{d['sha256_float64']}` |\n")
+
+
 def _readme(info: dict) -> str:
-    d = info["direction"]
     run_dir = info["run"].get("run_dir", "(not recorded)")
     gguf_note = ("\nThe source was a GGUF file; this export is a standard transformers safetensors directory with "
                  f"dequantized `{info['saved_dtype']}` weights, not a GGUF file.\n"
                  if info["source_format"].startswith("gguf") else "")
     untie_note = ("The source model ties `lm_head` to the token embedding; here `lm_head` is a separate, unedited "
-                  "copy and `tie_word_embeddings` is false, so that the edit matches the hook-based ablation.\n"
+                  "copy and `tie_word_embeddings` is false, so that the edit matches the hook-based edit.\n"
                   if info["untied_lm_head"] else "")
-    return f"""# {info['source_model']} with the refusal direction ablated (research artifact)
+    return f"""# {info['source_model']}, method `{info['method']}` baked into the weights (research artifact)
 
 **For safety research and evaluation only. Not for deployment, not for upload to any model hub.**
-This model was made by `refusal-direction` {info['tool_version']}, a tool replicating Arditi et al. (2024),
-"Refusal in Language Models Is Mediated by a Single Direction". Its refusal behaviour has been removed
+This model was made by `refusal-direction` {info['tool_version']}, a tool replicating and extending Arditi et al.
+(2024), "Refusal in Language Models Is Mediated by a Single Direction". Its refusal behaviour has been removed
 on purpose so that this effect can be studied; it will comply with harmful requests. Keep it private.
 
 ## What was changed
 
-Every matrix that writes to the residual stream (token embedding, each attention output projection, each
-MLP down projection, and their biases) had the refusal direction r̂ projected out
-(W ← W − r̂ r̂ᵀ W). The model is therefore equivalent to running the source model with directional
-ablation of r̂ at every layer and position. Nothing else was changed.
+{info['what_changed']}
+
+Only the parameters listed under `edited_parameters` in `{EXPORT_INFO}` were changed, each the weight form of
+the edit, which is equivalent to running the source model with the edit's hooks.
 
 {untie_note}{gguf_note}
 | | |
 |---|---|
 | source model | `{info['source_model']}` (revision: {info['source_revision'] or 'not recorded'}) |
-| direction layer (block input) | {d['layer']} |
-| direction position | {d['position']} (counted from the end of the prompt) |
-| direction norm ‖r‖ | {d['norm']:.6g} |
-| direction sha256 (float64 bytes) | `{d['sha256_float64']}` |
-| source run directory | `{run_dir}` |
+| method | `{info['method']}` (`{info['name']}`; parameters in `{EXPORT_INFO}`, key `edit`) |
+{_direction_rows(info)}| source run directory | `{run_dir}` |
 | weights dtype | {info['saved_dtype']} |
 | created (UTC) | {info['created_utc']} |
 
@@ -155,5 +168,6 @@ model = AutoModelForCausalLM.from_pretrained("path/to/this/dir")
 tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")
 ```
 
-Check the export against the hooks with `refusal-direction verify-export --run RUN --model-dir DIR`.
+Check the export against the hooks with `refusal-direction verify-export --run RUN --model-dir DIR`
+(`--method {info['method']}` for a method other than `dim`).
 """

@@ -1,6 +1,6 @@
 """A LoRA adapter (peft) that holds an edit exactly, for the forms whose weight change is low-rank.
 
-The weight forms (`export.method_edits`) change a module's weight by ΔW = W_edited − W. For directional and
+The weight forms (`Edit.weights_`, `edits`) change a module's weight by ΔW = W_edited − W. For directional and
 subspace ablation, the per-layer kernel and ACE, ΔW has rank k (the number of ablated directions: 1, or the
 subspace's k) in every module they touch — writers' matrices (ΔW = −Q Qᵀ W, scaled per layer for the kernel) and
 the token embedding (ΔE = −(E Q) Qᵀ, plus ACE's constant row) — so a rank-k LoRA adapter ``B A`` (scaling 1)
@@ -13,7 +13,7 @@ factors its ΔW with a randomised low-rank SVD (`torch.svd_lowrank`), and checks
 (relative Frobenius error ≤ ``rtol``): the adapter is built from what the merged export actually changed, not from
 a second derivation of the method. `save_lora(base, factors, out)` writes it through peft (``LoraConfig`` /
 ``get_peft_model`` / ``save_pretrained``) on a copy of the base model. Loading it is peft's
-``PeftModel.from_pretrained(base, out)``; `export.method_export.verify_method_export` compares it with the hooks.
+``PeftModel.from_pretrained(base, out)``; `export.verify.verify_method_export` compares it with the hooks.
 """
 
 from __future__ import annotations

@@ -25,10 +25,8 @@ import torch
 
 from ..core.directions import Direction
 from ..core.model import find_blocks
-from ..errors import UserError
-from ..fileio import atomic_write_json
-from .card import check_out_dir, provenance, staged_export, write_model_card
-from .orthogonalize import (
+from ..edits import DirectionalAblation
+from ..edits.weights import (
     EditedWeights,
     _embeddings,
     _embeddings_shared,
@@ -38,6 +36,9 @@ from .orthogonalize import (
     check_dense,
     find_residual_writers,
 )
+from ..errors import UserError
+from ..fileio import atomic_write_json
+from .card import check_out_dir, provenance, staged_export, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def export_streaming(
         _copy_side_files(src, tmp, index, weight_map, embedding, head, head_bytes)
         edited = EditedWeights(tuple(sorted(how, key=list(weight_map).index)), head is not None)
         info = provenance(model, revision, "transformers (streamed safetensors)", saved_dtype or "unknown",
-                          direction, edited, dict(run_info or {}))
+                          DirectionalAblation(direction.vector, name="dim"), edited, dict(run_info or {}), direction)
         write_model_card(tmp, info)
     log.info("exported orthogonalized model to %s (%d tensors edited, streamed)", out_dir, len(how))
     return out_dir

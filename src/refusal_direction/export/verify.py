@@ -1,4 +1,5 @@
-"""Verify an export: hooked source model and exported model agree on logits, greedy tokens, r̂-free residuals."""
+"""Verify an export: hooked source model and exported model agree on logits, greedy tokens, r̂-free residuals
+(`verify_export`, the DiM export) or on logits and greedy tokens under any edit (`verify_method_export`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from torch import nn
 
 from ..core.directions import Direction
-from ..core.interventions import DirectionalAblation, apply_intervention
 from ..core.model import LoadedModel, find_blocks
 from ..core.padding import position_ids
+from ..edits import DirectionalAblation, apply_intervention
 from ..errors import UserError
 from .card import direction_digest
 from .save import read_export_info
@@ -154,3 +155,18 @@ def _track_projection(lm: LoadedModel, r_hat: torch.Tensor, stats: dict) -> Iter
         for h in handles:
             h.remove()
 
+
+@torch.no_grad()
+def verify_method_export(lm_hooked: LoadedModel, exported_model: nn.Module, intervention,
+                         instructions: Sequence[str], max_new_tokens: int = 16, tol: float = 1e-4) -> dict:
+    """Hooked source vs exported model: ``max_abs_logit_diff``, greedy ``agreement``, ``ok``."""
+    blocks, final_norm = find_blocks(exported_model)
+    exported = replace(lm_hooked, model=exported_model, blocks=blocks, final_norm=final_norm)
+    with apply_intervention(lm_hooked, intervention):
+        logits_a, tokens_a, mask = _greedy(lm_hooked, list(instructions), max_new_tokens)
+    logits_b, tokens_b, _ = _greedy(exported, list(instructions), max_new_tokens)
+    real = mask.bool().to(logits_a.device)
+    diff = float((logits_a.float() - logits_b.float().to(logits_a.device)).abs()[real].max())
+    agreement = float((tokens_a.cpu() == tokens_b.cpu()).float().mean())
+    return {"method": intervention.name, "n_prompts": len(instructions), "max_abs_logit_diff": diff,
+            "agreement": agreement, "tol": tol, "ok": diff <= tol and agreement == 1.0}

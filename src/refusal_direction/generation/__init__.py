@@ -11,8 +11,8 @@ import logging
 from typing import Sequence
 
 from ..core.decoding import Generated, GenerationSettings, generate_hf
-from ..core.interventions import Intervention
 from ..core.model import LoadedModel
+from ..edits import Intervention
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +45,22 @@ def generate_all(
     instructions: Sequence[str],
     interventions: Sequence[Intervention],
     settings: GenerationSettings = GenerationSettings(),
-    progress: bool = False,
-    backend: str = "auto",
     on_done=None,
-    step: str = "hf",
 ) -> dict[str, list[Generated]]:
     """Greedy completions of ``instructions`` under each intervention: {intervention name: completions}.
 
-    ``on_done(name, completions, seconds)`` is called as each condition finishes (on the fast path all
-    finish together and the seconds are the shared batch's). ``step``: the fast path's decode step ("hf" or
-    "own", `accel.own_step`).
+    ``settings`` carries the budget, batch size, stopping rule, backend, the fast path's decode step and whether
+    to show progress (`GenerationSettings.from_config` for a run's). ``on_done(name, completions, seconds)`` is
+    called as each condition finishes (on the fast path all finish together and the seconds are the shared
+    batch's).
     """
     import time
 
-    if choose_backend(lm, backend) == "fast":
+    if choose_backend(lm, settings.backend) == "fast":
         from ..accel import generate_fast
 
         t0 = time.perf_counter()
-        out = generate_fast(lm, instructions, interventions, settings, progress, step=step)
+        out = generate_fast(lm, instructions, interventions, settings, settings.progress, step=settings.step)
         if on_done is not None:
             for name, gens in out.items():
                 on_done(name, gens, time.perf_counter() - t0)
@@ -70,7 +68,7 @@ def generate_all(
     out = {}
     for iv in interventions:
         t0 = time.perf_counter()
-        out[iv.name] = generate_hf(lm, instructions, iv, settings, progress)
+        out[iv.name] = generate_hf(lm, instructions, iv, settings, settings.progress)
         if on_done is not None:
             on_done(iv.name, out[iv.name], time.perf_counter() - t0)
     return out
@@ -80,11 +78,8 @@ def generate_sets(
     lm: LoadedModel,
     sets: Sequence[tuple[Sequence[str], Sequence[Intervention]]],
     settings: GenerationSettings = GenerationSettings(),
-    progress: bool = False,
-    backend: str = "auto",
     on_done=None,
     partial=None,
-    step: str = "hf",
 ) -> list[dict[str, list[Generated]]]:
     """Several prompt sets, each under its own interventions: per set, {intervention name: completions}.
 
@@ -92,27 +87,28 @@ def generate_sets(
     several sets is one condition); on HF generate the sets run one after another, a condition at a time.
     ``on_done(set index, name, completions, seconds)`` is called as each (set, condition) finishes.
     ``partial`` (`accel.partial.PartialResults`): on the fast path, where each finished batch's rows are kept
-    and from where an interrupted call's rows are taken instead of being decoded again. ``step``: the fast
-    path's decode step ("hf" or "own", `accel.own_step`)."""
+    and from where an interrupted call's rows are taken instead of being decoded again."""
     import time
 
-    if choose_backend(lm, backend) == "fast":
+    if choose_backend(lm, settings.backend) == "fast":
         from ..accel import generate_fast_sets
 
         t0 = time.perf_counter()
-        extra = {"step": step} if partial is None else {"partial": partial, "step": step}
-        out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, progress, **extra)
+        extra = {"step": settings.step} if partial is None else {"partial": partial, "step": settings.step}
+        out = generate_fast_sets(lm, [(list(ins), list(ivs)) for ins, ivs in sets], settings, settings.progress,
+                                 **extra)
         if on_done is not None:
             for k, per_set in enumerate(out):
                 for name, gens in per_set.items():
                     on_done(k, name, gens, time.perf_counter() - t0)
         return out
     out = []
+    hf = settings.replace(backend="hf")
     for k, (instructions, ivs) in enumerate(sets):
         def done(name, gens, seconds, k=k):
             if on_done is not None:
                 on_done(k, name, gens, seconds)
-        out.append(generate_all(lm, instructions, ivs, settings, progress, "hf", on_done=done))
+        out.append(generate_all(lm, instructions, ivs, hf, on_done=done))
     return out
 
 
@@ -121,10 +117,6 @@ def generate(
     instructions: Sequence[str],
     intervention: Intervention,
     settings: GenerationSettings = GenerationSettings(),
-    progress: bool = False,
-    backend: str = "auto",
-    step: str = "hf",
 ) -> list[Generated]:
-    """Greedy completions under one intervention: the fast path on CUDA (``backend="auto"``; decode ``step`` "hf"
-    or "own"), else HF."""
-    return generate_all(lm, instructions, [intervention], settings, progress, backend, step=step)[intervention.name]
+    """Greedy completions under one intervention (`generate_all` with one condition)."""
+    return generate_all(lm, instructions, [intervention], settings)[intervention.name]

@@ -2,19 +2,17 @@
 
 `report.summarize.summarize` builds one from a run's records (pure). `Summary.to_json` is the dict
 written to summary.json; `Summary.from_json` reads one back, checking ``schema_version`` and every key,
-so a field the pipeline drops or renames fails loudly instead of showing "—" in the report. The JSON
-layout is the one summary.json had before it was typed, plus ``schema_version``, so tools that read it
-by key keep working.
+so a field the pipeline drops or renames fails loudly instead of showing "—" in the report. The JSON is
+keyed as the dataclasses' fields, plus ``schema_version``.
 
-Schema 2 adds, per condition, the second refusal judge (``judge``: its name; ``judged_refusal``: its
-refusal score with a Wilson interval; ``refusal_judges_agreement``: substring (a) vs that judge (b)).
-Schema 1 files are still read; those fields are then None.
+Per condition, beside the substring score, the second refusal judge: ``judge`` (its name), ``judged_refusal``
+(its refusal score with a Wilson interval), ``refusal_judges_agreement`` (substring (a) vs that judge (b)).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +20,7 @@ from ..errors import UserError
 from ..evaluation.stats import agreement_table, mcnemar, rate
 
 SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (SCHEMA_VERSION,)
 _FIRST_N = re.compile(r"refusal_first_(\d+)_tokens")
 
 
@@ -55,9 +53,8 @@ class _Plain:
 
     @classmethod
     def from_json(cls, d: Mapping | _Json):
-        """A key may be missing only for a field with a default (one added after the file was written)."""
-        return cls(**{name: d[name] for name, f in cls.__dataclass_fields__.items()
-                      if name in d or f.default is MISSING})
+        """Every field's key is required (a missing one raises the UserError of `_Json`)."""
+        return cls(**{name: d[name] for name in cls.__dataclass_fields__})
 
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -184,15 +181,13 @@ class ConditionResult:
     refusal_judges_agreement: JudgeAgreement | None = None  # substring (a) vs the second judge (b)
 
     @classmethod
-    def from_json(cls, d: _Json, version: int = SCHEMA_VERSION) -> ConditionResult:
+    def from_json(cls, d: _Json) -> ConditionResult:
         first = [k for k in d.data if _FIRST_N.fullmatch(k)]
         key = first[0] if first else "refusal_first_<N>_tokens"
         cats, agreement, capability = d.obj("per_category"), d.obj("judge_agreement"), d["capability"]
-        judged = {}
-        if version >= 2:
-            both = d.obj("refusal_judges_agreement")
-            judged = {"judge": d["judge"], "judged_refusal": _score(d.obj("judged_refusal")),
-                      "refusal_judges_agreement": None if both is None else JudgeAgreement.from_json(both)}
+        both = d.obj("refusal_judges_agreement")
+        judged = {"judge": d["judge"], "judged_refusal": _score(d.obj("judged_refusal")),
+                  "refusal_judges_agreement": None if both is None else JudgeAgreement.from_json(both)}
         return cls(**judged,
             dataset=d["dataset"], intervention=d["intervention"], n=d["n"], refusal_score=d["refusal_score"],
             refusal=_score(d.obj("refusal")), safety_score=d["safety_score"], safety=_score(d.obj("safety")),
@@ -317,7 +312,7 @@ class Summary:
             model=d["model"],
             direction=None if direction is None else DirectionInfo.from_json(direction),
             settings=None if settings is None else Settings.from_json(settings),
-            conditions={k: ConditionResult.from_json(conditions.obj(k, f"conditions[{k!r}]"), version)
+            conditions={k: ConditionResult.from_json(conditions.obj(k, f"conditions[{k!r}]"))
                         for k in conditions.data},
             paired_tests={k: _paired(tests.obj(k, f"paired_tests[{k!r}]")) for k in tests.data},
             paper=None if paper is None else PaperNumbers.from_json(paper),

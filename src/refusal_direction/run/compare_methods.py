@@ -1,19 +1,13 @@
-"""The methods `compare` runs, built from one run's artifacts (candidates, means, the selected direction).
+"""The methods `compare` runs and `export --method` bakes in, built from one run's artifacts through the registry.
 
-Every row uses the run's direction r (selected as `replicate` does) unless its method says otherwise:
+Every registered method with ``compare = True`` is a row of `compare` (`edits.registry()`, in table order); each is
+built by its own ``from_run`` from the run's `EditInputs`: its selected direction r, the candidates, the means, the
+validation prompts. The rows today: baseline, dim (the paper; the reference row of the paired tests), projected,
+norm_preserving, layer_kernel, subspace, ace, cosmic — each described in its file under `edits/methods/`. Edits that
+induce refusal (activation addition, ACE's addition form) have no row.
 
-| name | intervention |
-|---|---|
-| baseline | none |
-| dim | directional ablation of r (the paper; the reference row of the paired tests) |
-| projected | directional ablation of r minus its harmless-mean component |
-| norm_preserving | biprojected, norm-preserving: the projected r removed, each written vector keeping its norm |
-| layer_kernel | scaled projection of r, weight a triangular kernel over layers (peak: r's layer, width n_layers/2) |
-| subspace | ablation of the k-dimensional refusal subspace (`methods.build.refusal_subspace`'s rule) |
-| ace | ACE: projection on r̂ set to the harmless mean's at every block input |
-| cosmic | directional ablation of the candidate COSMIC selects (cosine similarity, no generation) |
-
-ACE's addition form (``methods.AffineAddition``) induces refusal instead of removing it, so it has no row here.
+A method keeps what it computed in the run through `RunStore` (keys → files of the run directory): COSMIC's choice
+(``cosmic`` → compare/cosmic.json) and `optimize`'s chosen trial (``optimize`` → optimize/front.json, read only).
 """
 
 from __future__ import annotations
@@ -22,104 +16,82 @@ import json
 import logging
 
 from ..core.directions import CandidateDirections, Direction, load_candidates
-from ..core.interventions import Baseline, DirectionalAblation
+from ..edits import Edit, EditInputs, get_method, registry
 from ..errors import UserError
 from ..fileio import atomic_write_json
-from ..methods import (
-    AffineAblation,
-    LayerKernelAblation,
-    SubspaceAblation,
-    ace_offset,
-    cosmic_select,
-    layer_kernel,
-    projected_direction,
-    refusal_subspace,
-)
 from .rundir import Run
 
 log = logging.getLogger(__name__)
 
-METHODS = ("baseline", "dim", "projected", "norm_preserving", "layer_kernel", "subspace", "ace", "cosmic")
+
+def compare_methods() -> list[str]:
+    """The rows of `compare`, in table order."""
+    return [name for name, cls in registry().items() if cls.compare]
 
 
 def parse_methods(spec: str | None) -> list[str]:
     """Comma-separated method names (default: all); ``dim`` is always included (the paired tests' reference)."""
-    names = list(METHODS) if not spec else [m.strip() for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    known = compare_methods()
+    names = list(known) if not spec else [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
     if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     names = list(dict.fromkeys(names))
     return names if "dim" in names else ["dim", *names]
+
+
+class RunStore:
+    """`edits.Store` on a run directory: what a method computed, kept in the run's files."""
+
+    def __init__(self, run: Run):
+        self.paths = {"cosmic": run.out / "compare" / "cosmic.json", "optimize": run.out / "optimize" / "front.json"}
+
+    def read(self, key: str) -> dict | None:
+        path = self.paths[key]
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return data.get("chosen") if key == "optimize" else data
+
+    def write(self, key: str, data: dict) -> None:
+        if key == "optimize":
+            raise ValueError("optimize/front.json is written by `optimize` alone")
+        self.paths[key].parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.paths[key], data)
 
 
 def _means(run: Run) -> tuple[CandidateDirections, CandidateDirections]:
     d = run.out / "directions"
     paths = [d / "mean_harmful.safetensors", d / "mean_harmless.safetensors"]
     if not all(p.is_file() for p in paths):
-        raise UserError(f"{run.out} has no mean activations (directions/mean_*.safetensors); compare needs an "
+        raise UserError(f"{run.out} has no mean activations (directions/mean_*.safetensors); this method needs an "
                         "extracted run: drop --direction-file, or run `refusal-direction extract` on it")
     return load_candidates(paths[0]), load_candidates(paths[1])
 
 
-def _cosmic_direction(run: Run, samples, candidates: CandidateDirections, harmful, harmless) -> Direction:
-    path = run.out / "compare" / "cosmic.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        return candidates.get(saved["position"], saved["layer"])
+def edit_inputs(run: Run, samples, candidates: CandidateDirections, direction: Direction) -> EditInputs:
+    """What the methods are built from, for ``run``."""
     c = run.config
-    result = cosmic_select(run.lm, candidates, harmful.vectors, harmless.vectors,
-                           [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val],
-                           prune_layer_fraction=c.prune_layer_fraction, batch_size=c.batch_size)
-    atomic_write_json(path, {"position": result.position, "layer": result.layer,
-                             "reference_layers": list(result.reference_layers), "scores": result.scores,
-                             "criterion": "max cos(ablated harmful, harmless mean) + cos(added harmless, "
-                                          "harmful mean) over the least-similar layers (methods.cosmic)"})
-    return candidates.get(result.position, result.layer)
+    return EditInputs(lm=run.lm, direction=direction, candidates=candidates, means=lambda: _means(run),
+                      harmful_val=[i.text for i in samples.harmful_val],
+                      harmless_val=[i.text for i in samples.harmless_val],
+                      prune_layer_fraction=c.prune_layer_fraction, batch_size=c.batch_size,
+                      actadd_coeff=c.actadd_coeff, store=RunStore(run))
 
 
-def build_methods(run: Run, samples, candidates: CandidateDirections, direction: Direction,
-                  names: list[str]) -> tuple[dict, dict]:
-    """{name: intervention} and {name: parameters for the table} for ``names``."""
-    from ..export.method_edits import norm_preserving_ablation
-
-    harmful, harmless = _means(run)
-    lm, c = run.lm, run.config
-    ivs, info = {}, {}
-    for name in names:
-        if name == "baseline":
-            ivs[name] = Baseline()
-        elif name == "dim":
-            ivs[name] = DirectionalAblation(direction.vector, name="dim")
-        elif name in ("projected", "norm_preserving"):
-            projected = projected_direction(direction, harmless)
-            ivs[name] = (DirectionalAblation(projected.vector, name=name) if name == "projected"
-                         else norm_preserving_ablation(lm, projected.vector, name=name))
-        elif name == "layer_kernel":
-            kernel = layer_kernel(lm.n_layers, peak=direction.layer, width=lm.n_layers / 2)
-            ivs[name] = LayerKernelAblation(direction.vector, kernel, kernel, 0.0, name=name)
-            info[name] = {"peak": direction.layer, "width": lm.n_layers / 2, "w_min": 0.0, "w_max": 1.0}
-        elif name == "subspace":
-            sub = refusal_subspace(candidates, direction, prune_layer_fraction=c.prune_layer_fraction)
-            ivs[name] = SubspaceAblation(sub.basis, name=name)
-            info[name] = {"k": sub.k, "rule": sub.rule, "explained": list(sub.explained)}
-        elif name == "ace":
-            ivs[name] = AffineAblation(direction.vector, ace_offset(direction, harmless), name=name)
-        elif name == "cosmic":
-            chosen = _cosmic_direction(run, samples, candidates, harmful, harmless)
-            ivs[name] = DirectionalAblation(chosen.vector, name=name)
-            info[name] = {"layer": chosen.layer, "position": chosen.position}
-        info.setdefault(name, {})
-        info[name] = {**ivs[name].describe(), **info[name]}
-    return ivs, info
+def build_methods(inputs: EditInputs, names: list[str]) -> tuple[dict[str, Edit], dict[str, dict]]:
+    """{name: edit} and {name: its parameters for the table} for ``names``."""
+    edits = {name: get_method(name).from_run(inputs, name) for name in names}
+    return edits, {name: edit.describe() for name, edit in edits.items()}
 
 
-def method_intervention(run: Run, name: str):
-    """One method's intervention for a run with a direction (for `export --method` / `verify-export --method`)."""
+def method_edit(run: Run, name: str) -> Edit:
+    """One method's edit for a run with a direction (for `export --method` / `verify-export --method`)."""
     from .extract import stage_extract, stage_samples
 
-    if name not in METHODS or name == "baseline":
-        raise UserError(f"--method {name!r}: choose one of {', '.join(m for m in METHODS if m != 'baseline')}")
+    choices = [m for m in registry() if m != "baseline"]
+    if name not in choices:
+        raise UserError(f"--method {name!r}: choose one of {', '.join(choices)}")
     samples = stage_samples(run)
     candidates = stage_extract(run, samples)
-    ivs, _ = build_methods(run, samples, candidates, run.saved_direction(), [name])
-    return ivs[name]
+    return get_method(name).from_run(edit_inputs(run, samples, candidates, run.saved_direction()), name)

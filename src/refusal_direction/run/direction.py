@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections | None,
                     force: bool = False) -> Direction:
-    if run.direction_path.is_file() and not force:
-        return load_direction(run.direction_path)
+    path = run.layout.direction
+    if path.is_file() and not force:
+        return load_direction(path)
     if run.config.direction_file:
         direction = load_direction(run.config.direction_file, model_id=run.config.model, d_model=run.lm.d_model)
-        save_direction(direction, run.direction_path, {"selected_by": f"file {run.config.direction_file}"})
+        save_direction(direction, path, {"selected_by": f"file {run.config.direction_file}"})
         return direction
     mode, layer, position = run.config.resolved_direction()
     if mode == "auto":
@@ -36,7 +37,7 @@ def stage_direction(run: Run, samples: Samples, candidates: CandidateDirections 
     check_position_layer(position, layer, candidates.positions, candidates.n_layers, run.config.model)
     direction = candidates.get(position, layer)
     check_finite_direction(direction.vector, f"the direction at layer {layer}, position {position}", nonzero=True)
-    save_direction(direction, run.direction_path, {"selected_by": mode, "source_run": str(run.out)})
+    save_direction(direction, path, {"selected_by": mode, "source_run": str(run.out)})
     log.info("direction: layer %d, position %d (%s), norm %.3f", layer, position, mode, float(direction.vector.norm()))
     return direction
 
@@ -60,11 +61,10 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
                                                                 0 if "fallback" in pool_record else None)
         record["generation"]["pool"] = pool_record
     run.timing("select_s", time.perf_counter() - t0)
-    (run.out / "figures").mkdir(exist_ok=True)
-    plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions,
-                            run.out / "figures" / "selection_heatmaps.png",
+    run.layout.figures_dir.mkdir(exist_ok=True)
+    plot_selection_heatmaps(scores, candidates.n_layers, candidates.positions, run.layout.figure("selection_heatmaps"),
                             chosen=(result.position, result.layer), thresholds=thresholds)
-    atomic_write_json(run.out / "selection.json", {
+    atomic_write_json(run.layout.selection, {
         **record, "strategy": c.select_strategy,
         "n_harmful_val": len(val.harmful), "n_harmless_val": len(val.harmless), "filter_val": c.filter_val,
         "validation": val.to_json(), "refusal_tokens": tokens.to_json(),
@@ -77,14 +77,12 @@ def select_direction(run: Run, samples: Samples, candidates: CandidateDirections
 
 def _baseline_answers(run: Run, instructions, name: str, timing: str):
     """Greedy unablated answers (``select_new_tokens`` tokens) to ``instructions``."""
-    from ..core.interventions import Baseline
-    from ..generation import GenerationSettings, generate_all
+    from ..edits import Baseline
+    from ..generation import generate_all
 
-    c = run.config
     t0 = time.perf_counter()
-    settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    answers = generate_all(run.lm, [i.text for i in instructions], [Baseline(name)], settings,
-                           progress=run.progress, backend=c.generation_backend, step=c.decode_step)[name]
+    settings = run.generation.replace(max_new_tokens=run.config.select_new_tokens)
+    answers = generate_all(run.lm, [i.text for i in instructions], [Baseline(name)], settings)[name]
     run.timing(timing, time.perf_counter() - t0)
     return answers
 
@@ -162,7 +160,6 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
     """The generation rule: bypass and KL from the sweep (on the filtered validation prompts), then the top-k
     eligible candidates judged by their ablated greedy answers to ``pool`` (`_pool`; `selection.generated`)."""
     from .. import selection
-    from ..generation import GenerationSettings
 
     lm, c = run.lm, run.config
     rule = selection.GenerationRule(c.select_max_kl, c.select_top_k, c.prune_layer_fraction, c.select_new_tokens)
@@ -171,10 +168,8 @@ def _select_generation(run: Run, candidates: CandidateDirections, val, refusal_i
     else:
         scores = selection.score_candidates(lm, candidates, val.harmful, val.harmless, refusal_ids,
                                             progress=run.progress, layers=layers, kinds=("bypass", "kl"))
-    settings = GenerationSettings(c.select_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    result = selection.select_by_generation(lm, candidates, scores, pool, rule, settings,
-                                            c.generation_backend, run.progress, baseline_refused,
-                                            step=c.decode_step)
+    settings = run.generation.replace(max_new_tokens=c.select_new_tokens)
+    result = selection.select_by_generation(lm, candidates, scores, pool, rule, settings, baseline_refused)
     thresholds = selection.SelectionThresholds(kl_threshold=c.select_max_kl, induce_threshold=-math.inf,
                                                prune_layer_fraction=c.prune_layer_fraction)
     return result, scores, thresholds, selection.generation_result_to_json(result, scores)

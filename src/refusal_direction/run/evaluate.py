@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def stage_safety(run: Run, force: bool = False) -> dict:
     """Add Llama Guard 2 verdicts to every completion file; returns the safety status."""
-    status_path = run.out / "safety_status.json"
+    status_path = run.layout.safety_status
     if status_path.is_file() and not force:
         return read_json(status_path, "run file")
     c = run.config
@@ -93,7 +93,7 @@ def hub_unreachable(model: str) -> str | None:
 
 
 def stage_capability(run: Run, samples: Samples, direction: Direction, force: bool = False) -> dict:
-    path = run.out / "capability.json"
+    path = run.layout.capability
     if path.is_file() and not force:
         return read_json(path, "run file")
     c = run.config

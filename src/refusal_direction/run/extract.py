@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def stage_samples(run: Run) -> Samples:
-    path = run.samples_dir / "samples.json"
+    path = run.layout.samples
     if path.is_file():
         return read_samples(path)
     c = run.config
@@ -69,7 +69,7 @@ def xstest_items(run: Run, name: str) -> list[Instruction]:
 
     ``n_xstest`` draws a seeded sample (``random.Random(seed)``, in file order) for CPU budgets; default all.
     """
-    path = run.samples_dir / "xstest.json"
+    path = run.layout.xstest_samples
     data = read_json(path, "run file") if path.is_file() else {}
     if name not in data:
         c = run.config
@@ -84,8 +84,9 @@ def xstest_items(run: Run, name: str) -> list[Instruction]:
 
 
 def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateDirections:
-    if run.candidates_path.is_file() and not force:
-        return load_candidates(run.candidates_path)
+    layout = run.layout
+    if layout.candidates.is_file() and not force:
+        return load_candidates(layout.candidates)
     from ..core.activations import mean_resid_pre
 
     lm, c = run.lm, run.config
@@ -104,12 +105,11 @@ def stage_extract(run: Run, samples: Samples, force: bool = False) -> CandidateD
             "n_harmless": len(harmless_texts), "filter_train": c.filter_train,
             "data_hashes": {"harmful_train": hash_instructions(samples.harmful_train),
                             "harmless_train": hash_instructions(samples.harmless_train)}}
-    d = run.out / "directions"
     save_candidates(CandidateDirections(harmful, list(range(-harmful.shape[0], 0)), {**meta, "what": "mean_harmful"}),
-                    d / "mean_harmful.safetensors")
+                    layout.directions_file("mean_harmful"))
     save_candidates(CandidateDirections(harmless, list(range(-harmful.shape[0], 0)),
-                                        {**meta, "what": "mean_harmless"}), d / "mean_harmless.safetensors")
+                                        {**meta, "what": "mean_harmless"}), layout.directions_file("mean_harmless"))
     candidates = diff_in_means(harmful, harmless, meta)
     check_finite_direction(candidates.vectors, "the difference-in-means candidates")
-    save_candidates(candidates, run.candidates_path)
+    save_candidates(candidates, layout.candidates)
     return candidates

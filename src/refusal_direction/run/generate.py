@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 
-from ..accel.partial import PartialResults
+from ..accel import PartialResults
 from ..core.directions import Direction
-from ..core.interventions import ActivationAddition, Baseline, DirectionalAblation, Intervention
 from ..data.instructions import Instruction, Samples
+from ..edits import ActivationAddition, Baseline, DirectionalAblation, Intervention
 from ..errors import UserError
 from ..evaluation.refusal import is_refusal
 from ..fileio import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
@@ -16,7 +16,6 @@ from .extract import xstest_items
 from .rundir import CONDITION_FILES, Run
 
 log = logging.getLogger(__name__)
-PARTIAL_FILE = "generate_partial.jsonl"  # the fast path's finished batches while the stage runs (accel.partial)
 
 
 def condition_intervention(condition: str, direction: Direction, coeff: float) -> Intervention:
@@ -32,13 +31,11 @@ def condition_intervention(condition: str, direction: Direction, coeff: float) -
 
 
 def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool = False) -> None:
-    from ..core.decoding import GenerationSettings
     from ..generation import choose_backend, generate_sets
 
-    c = run.config
-    settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    backend = choose_backend(run.lm, c.generation_backend)
-    check_backend(run, backend, force, c.decode_step)
+    c, settings = run.config, run.generation
+    backend = choose_backend(run.lm, settings.backend)
+    check_backend(run, backend, force, settings.step)
     per_condition = backend == "hf"  # the fast path runs every set's conditions in one batch
     shared: dict[str, Intervention] = {}  # one object per intervention: a condition shared by sets is one
     sets, jobs = [], []  # jobs[k]: (dataset key, items, {intervention name: condition}) of sets[k]
@@ -65,14 +62,13 @@ def stage_generate(run: Run, samples: Samples, direction: Direction, force: bool
 
     partial = None
     if not per_condition:  # the fast path's finished batches, kept until every completion file is written
-        partial = PartialResults(run.out / PARTIAL_FILE)
+        partial = PartialResults(run.layout.generate_partial)
         if force:
             partial.remove()
     t0 = time.perf_counter()
-    generate_sets(run.lm, sets, settings, progress=run.progress, backend=c.generation_backend, on_done=done,
-                  partial=partial, step=c.decode_step)
+    generate_sets(run.lm, sets, settings, on_done=done, partial=partial)
     run.timing("generate_s", time.perf_counter() - t0)  # every set (on the fast path: one shared batch)
-    (run.out / PARTIAL_FILE).unlink(missing_ok=True)  # also one left by a killed fast run resumed on HF generate
+    run.layout.generate_partial.unlink(missing_ok=True)  # also one left by a killed fast run resumed on HF generate
 
 
 def dataset_items(run: Run, samples: Samples, dataset_key: str) -> list[Instruction]:
@@ -94,14 +90,14 @@ def write_completions(run: Run, condition: str, items: list[Instruction], gens) 
              sum(r["refusal"] for r in records) / max(1, len(records)), len(records))
 
 
-def check_backend(run: Run, backend: str, force: bool, step: str = "hf") -> None:
+def check_backend(run: Run, backend: str, force: bool, step: str) -> None:
     """Completions of one run come from one generation backend and, on the fast path, one decode step (in bf16 the
     two steps round differently): record them, refuse a switch on resume. A fast-path run recorded before the step
     was (session 11) used HF's step."""
-    path = run.out / "environment.json"
+    path = run.layout.environment
     env = read_json(path, "run file") if path.is_file() else {}
     old = env.get("generation_backend")
-    old_step = env.get("decode_step", "hf") if old == "fast" else None
+    old_step = env.get("decode_step") if old == "fast" else None
     step = step if backend == "fast" else None
     done = any(run.completions_path(cond).is_file() for cond in run.config.conditions)
     if old and old != backend and done and not force:
@@ -109,6 +105,9 @@ def check_backend(run: Run, backend: str, force: bool, step: str = "hf") -> None
                         f"with {backend!r} would mix them. Resume with --generation-backend {old} (in a --config "
                         "file), or pass --force to regenerate")
     if old == backend == "fast" and old_step != step and done and not force:
+        if old_step is None:
+            raise UserError(f"run directory {run.out} does not record the decode step of its completions; resuming "
+                            f"on {step!r} could mix two steps. Pass --force to regenerate")
         raise UserError(f"run directory {run.out} generated its completions on the {old_step!r} decode step; "
                         f"resuming on {step!r} would mix them. Resume with decode_step = \"{old_step}\" in a "
                         "--config file, or pass --force to regenerate")

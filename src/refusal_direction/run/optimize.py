@@ -7,7 +7,7 @@ In the run directory (samples, extraction and the direction are the run's own, m
     optimize/front.json     the Pareto front (validation objectives), front.md, front.png (every trial + front)
     optimize/final.json     the chosen edit and DiM on JailbreakBench (the run's max_new_tokens) and XSTest
                             safe prompts, with the run's judge and the substring judge; final.md
-    optimize/export/        the chosen edit merged into the weights (export.method_export), verified
+    optimize/export/        the chosen edit merged into the weights (export.export_edit), verified
     optimize/lora/          with --lora: the same edit as a peft LoRA adapter (export.lora), verified
     optimize/summary.json   settings, counts, the choice, speed (trials/s batched and one at a time), final
 
@@ -19,124 +19,88 @@ direction (subspace form, k = 1), so the front is seen beside it. The choice rul
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
-from ..core.decoding import GenerationSettings
-from ..errors import UserError
+from ..config import RunConfig
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, record_in_manifest
 from .direction import stage_direction
 from .extract import stage_extract, stage_samples
+from .layout import RunLayout
+from .optimize_settings import OptimizeSettings
+from .outdir import release_lock
 from .rundir import Run
 
 log = logging.getLogger(__name__)
 
-STUDY_FILE = "study.journal"  # the Optuna study (search.study: journal storage)
 CHOICE_RULE = ("among the Pareto-front trials with validation refusal <= target, the lowest KL; if none reaches "
                "the target, the lowest refusal (ties: lowest KL, then lowest trial number)")
 
 
 @dataclass(frozen=True)
-class OptimizeSettings:
-    """The search's own settings (the run's config holds the model, data, judge and generation settings)."""
+class OptimizeResult:
+    """`optimize`'s outcome: optimize/summary.json's content (settings, counts, the front and the chosen trial, speed,
+    the final evaluation's rows, the export's verification) and the run directory."""
 
-    trials: int = 200  # complete trials the study should hold when this call ends
-    batch_trials: int = 50  # trials asked, evaluated together and told per batch
-    seed: int = 0  # the sampler's seed
-    one_at_a_time: bool = False  # batch size 1 (to measure the batched speed-up in the same run)
-    target: float = 0.03  # refusal target of the choice rule
-    search_tokens: int = 32  # greedy tokens per harmful validation prompt during the search
-    n_xstest: int = 250  # XSTest safe prompts in the final evaluation (0: skip)
-    export: bool = True  # export and verify the chosen edit
-    lora: bool = False  # also a peft LoRA adapter of the chosen edit (export/lora.py), verified
-    max_kl_rows: int = 2048  # rows per KL forward pass (halved on out-of-memory)
-
-    def __post_init__(self):
-        problems = [f"--{name.replace('_', '-')} {value}: {need}" for name, value, ok, need in (
-            ("trials", self.trials, self.trials >= 1, "use at least 1"),
-            ("batch_trials", self.batch_trials, self.batch_trials >= 1, "use at least 1"),
-            ("target", self.target, 0.0 <= self.target <= 1.0, "a refusal rate, between 0 and 1"),
-            ("search_tokens", self.search_tokens, self.search_tokens >= 1, "use at least 1"),
-            ("n_xstest", self.n_xstest, self.n_xstest >= 0, "use 0 (skip) or more"),
-            ("max_kl_rows", self.max_kl_rows, self.max_kl_rows >= 1, "use at least 1"),
-            ("lora", self.lora, self.export or not self.lora, "needs the export (drop --no-export)"),
-            ("lora", self.lora, not self.lora or importlib.util.find_spec("peft") is not None,
-             "needs peft, which is not installed: pip install 'refusal-direction[lora]'")) if not ok]
-        if problems:
-            raise UserError("; ".join(problems))
+    out: Path
+    summary: Mapping[str, Any]
 
     @property
-    def batch(self) -> int:
-        return 1 if self.one_at_a_time else self.batch_trials
+    def chosen(self) -> dict | None:
+        return self.summary["chosen"]
+
+    @property
+    def front(self) -> list[dict]:
+        return list(self.summary["front"])
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.out)
 
 
-def optimize_dir(run: Run) -> Path:
-    return run.out / "optimize"
-
-
-def optimize_main(out: Path, model: str | None, config: Path | None, settings: OptimizeSettings, force: bool,
-                  setup_logging=None) -> str:
-    """The ``optimize`` command: config from ``config`` (TOML, any run key) and ``model``; a text summary."""
-    from ..config import build_config
+def optimize(config: RunConfig, out: str | Path, settings: OptimizeSettings | None = None, *, force: bool = False,
+             progress: bool = False) -> OptimizeResult:
+    """The search on ``config``'s model in the run directory ``out`` (a re-run, also after a kill, continues the
+    study), then the front, the chosen edit's final evaluation and its verified export (``settings``)."""
     from .pipeline import start_run
 
     t0 = time.perf_counter()
-    if setup_logging is not None:
-        setup_logging(out)
-    cfg = build_config({**({"model": model} if model else {}), "safety": False}, config)
-    summary = stage_optimize(start_run(out, cfg, force=force, progress=True), settings, t0)
-    c = summary["chosen"]
-    lines = [f"trials complete: {summary['n_complete']} (failed/retried: {summary['n_failed']}); "
-             f"front: {len(summary['front'])} trials",
-             f"speed: {summary['speed']}",
-             f"chosen: trial {c['number']} ({c['params']['form']}), validation refusal {c['refusal']:.3f}, "
-             f"KL {c['kl']:.4f}" if c else "chosen: none"]
-    if summary.get("final"):
-        for r in summary["final"]["rows"]:
-            lines.append(f"  {r['edit']}: JBB refusal {r['refusal']['rate']:.3f}, KL {r['kl']['value']:.4f}")
-    if summary.get("export"):
-        lines.append(f"export: {summary['export']['dir']} (verified: {summary['export']['verify']['ok']})")
-        lora = summary["export"].get("lora")
-        if lora:
-            lines.append(f"LoRA adapter: {lora['dir']} (rank {lora['rank']}, verified: {lora['verify']['ok']})"
-                         if "dir" in lora else f"LoRA adapter: not written ({lora['skipped']})")
-    lines.append(f"outputs: {optimize_dir_for(out)}")
-    return "\n".join(lines)
-
-
-def optimize_dir_for(out: Path) -> Path:
-    return Path(out) / "optimize"
+    run = start_run(out, config, force=force, progress=progress)
+    try:
+        return OptimizeResult(run.out, stage_optimize(run, settings or OptimizeSettings(), t0))
+    finally:
+        release_lock(run.out)
 
 
 def _evaluator(run: Run, samples, s: OptimizeSettings):
     from ..evaluation.judges import get_judge
     from ..search import TrialEvaluator
 
-    c = run.config
-    settings = GenerationSettings(s.search_tokens, c.batch_size, c.stop_at_end_of_turn)
+    settings = run.generation.replace(max_new_tokens=s.search_tokens, progress=False)
     return TrialEvaluator(run.lm, [i.text for i in samples.harmful_val], [i.text for i in samples.harmless_val],
-                          get_judge(c.judge), settings, backend=c.generation_backend, step=c.decode_step,
-                          max_rows=s.max_kl_rows)
+                          get_judge(run.config.judge), settings, max_rows=s.max_kl_rows)
 
 
 def search(run: Run, samples, candidates, direction, s: OptimizeSettings):
     """Open (or continue) the study, recover killed trials, run the batches; (study, speed record)."""
-    from ..search import build_intervention, open_study, recover_running, run_batches, suggest
+    from ..edits import build, suggest
+    from ..search import open_study, recover_running, run_batches
+    from .compare_methods import edit_inputs
 
-    study = open_study(optimize_dir(run) / STUDY_FILE, s.seed)
-    record_in_manifest(run.out, optimize_dir(run) / STUDY_FILE)
+    study = open_study(run.layout.optimize_study, s.seed)
+    record_in_manifest(run.out, run.layout.optimize_study)
     recovered = recover_running(study)
     if not study.trials:
         study.enqueue_trial({"position": direction.position, "layer_index": float(direction.layer),
                              "form": "subspace", "k": 1}, user_attrs={"reference": "dim"})
     evaluator = _evaluator(run, samples, s)
-    lm, c = run.lm, run.config
+    inputs = edit_inputs(run, samples, candidates, direction)
     result = run_batches(
-        study, s.trials, s.batch, suggest=lambda t: suggest(t, list(candidates.positions), lm.n_layers),
-        build=lambda p, name: build_intervention(lm, candidates, p, name, c.prune_layer_fraction),
+        study, s.trials, s.batch, suggest=lambda t: suggest(t, list(candidates.positions), run.lm.n_layers),
+        build=lambda p, name: build(inputs, p, name),
         evaluate=evaluator.evaluate, progress=run.progress)
     result["phases"] |= {f"evaluate_{k}": v for k, v in evaluator.timings.items()}
     return study, {**result, "batch_trials": s.batch, "recovered_running": recovered}
@@ -159,12 +123,12 @@ def write_front(run: Run, study, s: OptimizeSettings) -> tuple[list[dict], dict 
     front = [_row(t) for t in front_trials]
     chosen = _row(picked) if picked is not None else None
     number = None if chosen is None else chosen["number"]
-    d = optimize_dir(run)
-    atomic_write_json(d / "front.json", {"schema_version": 1, "model": run.config.model, "front": front,
+    layout = run.layout
+    atomic_write_json(layout.optimize_front("json"), {"schema_version": 1, "model": run.config.model, "front": front,
                                          "chosen": chosen, "target": s.target, "choice_rule": CHOICE_RULE})
-    atomic_write_text(d / "front.md", front_markdown(front, number))
+    atomic_write_text(layout.optimize_front("md"), front_markdown(front, number))
     everything = [_row(t) for t in complete_trials(study)]
-    atomic_write_bytes(d / "front.png", front_png(everything, front, number,
+    atomic_write_bytes(layout.optimize_front("png"), front_png(everything, front, number,
                                                   f"{run.config.model}: {len(everything)} trials"))
     return front, chosen
 
@@ -172,7 +136,7 @@ def write_front(run: Run, study, s: OptimizeSettings) -> tuple[list[dict], dict 
 def _speed(run: Run, record: dict, setup_s: float, s: OptimizeSettings) -> dict:
     """Latest speed record per mode (batched / one_at_a_time) with its phase seconds, kept across calls; the ratio
     when both exist."""
-    path = optimize_dir(run) / "summary.json"
+    path = run.layout.optimize_summary
     speed = dict(read_json(path, "run file").get("speed", {})) if path.is_file() else {}
     if record["told"]:
         speed["one_at_a_time" if s.batch == 1 else "batched"] = {
@@ -204,7 +168,7 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
     samples = stage_samples(run)
     candidates = stage_extract(run, samples)
     direction = stage_direction(run, samples, candidates)
-    optimize_dir(run).mkdir(parents=True, exist_ok=True)
+    run.layout.optimize_dir.mkdir(parents=True, exist_ok=True)
     _ = run.lm  # the model load counts as set-up
     setup_s = time.perf_counter() - t_start
     study, record = search(run, samples, candidates, direction, s)
@@ -212,9 +176,9 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
     front, chosen = write_front(run, study, s)
     final = exported = None
     if chosen is not None:
-        final = final_evaluation(run, samples, candidates, direction, chosen, s, optimize_dir(run))
+        final = final_evaluation(run, samples, candidates, direction, chosen, s)
         if s.export:
-            exported = export_chosen(run, samples, candidates, chosen, optimize_dir(run), lora=s.lora)
+            exported = export_chosen(run, samples, candidates, chosen, lora=s.lora)
     n_failed = sum(t.state.name == "FAIL" for t in study.get_trials(deepcopy=False))
     summary = {"schema_version": 1, "model": run.config.model, "settings": asdict(s),
                "sampler": "optuna TPESampler (multi-objective, constant_liar, multivariate, group)",
@@ -223,9 +187,9 @@ def stage_optimize(run: Run, s: OptimizeSettings, t_start: float | None = None) 
                "n_complete": len(complete_trials(study)), "n_failed": n_failed, "target": s.target,
                "choice_rule": CHOICE_RULE, "chosen": chosen, "front": front, "speed": speed,
                "last_call": record, "final": _without_completions(final), "export": exported}
-    atomic_write_json(optimize_dir(run) / "summary.json", summary)
+    atomic_write_json(run.layout.optimize_summary, summary)
     return summary
 
 
-__all__ = ["OptimizeSettings", "CHOICE_RULE", "optimize_main", "stage_optimize", "optimize_dir", "search",
+__all__ = ["CHOICE_RULE", "OptimizeResult", "OptimizeSettings", "optimize", "stage_optimize", "search",
            "write_front"]

@@ -7,7 +7,7 @@ as a refusal) and by the paper's substring match; Wilson 95 % intervals; an exac
 chosen edit's verdicts against DiM's on the same prompts; next-token KL on the harmless evaluation prompts
 with a bootstrap 95 % interval. It is redone only when the chosen trial changes.
 
-Export (``optimize/export``): the chosen edit's weight form (`export.method_export.export_method_model`),
+Export (``optimize/export``): the chosen edit's weight form (`export.export_edit`),
 then `verify_method_export` (hooked source vs reloaded export; logits within the dtype's tolerance, the same
 greedy tokens). With ``lora`` also ``optimize/lora``: the same edit as a peft LoRA adapter (`export.lora`: the
 factors of what the merged export changed, rank k), loaded through peft onto a copy of the source and verified the
@@ -18,12 +18,12 @@ recorded in export.json.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from ..core.decoding import GenerationSettings
-from ..core.interventions import DirectionalAblation
 from ..data.instructions import resolve_data_dir
-from ..data.xstest import load_xstest_prompts
+from ..data.xstest import first_prompts
+from ..edits import DirectionalAblation
 from ..evaluation.bootstrap import bootstrap_ratio
 from ..evaluation.capability import next_token_kl
 from ..evaluation.refusal import is_refusal
@@ -57,28 +57,27 @@ def _final_rows(records: dict, kls: dict) -> list[dict]:
     return rows
 
 
-def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, out: Path) -> dict:
-    """``out``/final.json's content for ``chosen`` (reused when it is the same trial with the same settings)."""
+def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s) -> dict:
+    """optimize/final.json's content for ``chosen`` (reused when it is the same trial with the same settings)."""
+    from ..edits import build
     from ..evaluation.judges import get_judge
     from ..generation import generate_all
     from ..report.optimize import final_markdown
-    from ..search import build_intervention
+    from .compare_methods import edit_inputs
 
     c, lm = run.config, run.lm
-    path = out / "final.json"
+    path = run.layout.optimize_final("json")
     key = {"trial": chosen["number"], "n_xstest": s.n_xstest, "max_new_tokens": c.max_new_tokens, "judge": c.judge}
     if path.is_file():
         saved = read_json(path, "run file")
         if saved.get("key") == key:
             return saved
     name = f"chosen_trial{chosen['number']}"
-    ivs = {name: build_intervention(lm, candidates, chosen["params"], name, c.prune_layer_fraction),
+    ivs = {name: build(edit_inputs(run, samples, candidates, direction), chosen["params"], name),
            "dim": DirectionalAblation(direction.vector, name="dim")}
-    xstest = load_xstest_prompts("xstest_safe", resolve_data_dir(c.data_dir))[:s.n_xstest] if s.n_xstest else []
+    xstest = first_prompts("xstest_safe", resolve_data_dir(c.data_dir), s.n_xstest)
     prompts = list(samples.eval) + list(xstest)
-    settings = GenerationSettings(c.max_new_tokens, c.batch_size, c.stop_at_end_of_turn)
-    gens = generate_all(lm, [p.text for p in prompts], list(ivs.values()), settings, progress=run.progress,
-                        backend=c.generation_backend, step=c.decode_step)
+    gens = generate_all(lm, [p.text for p in prompts], list(ivs.values()), run.generation)
     judge = get_judge(c.judge)
     n_eval = len(samples.eval)
     records, kls, baseline = {}, {}, {}  # baseline: each KL batch's baseline distribution, computed once
@@ -91,28 +90,28 @@ def final_evaluation(run: Run, samples, candidates, direction, chosen: dict, s, 
               "chosen": chosen, "dim": {"layer": direction.layer, "position": direction.position},
               "records": records, "kl_per_prompt": kls}
     atomic_write_json(path, result)
-    atomic_write_text(out / "final.md", final_markdown(result["rows"], c.judge))
+    atomic_write_text(run.layout.optimize_final("md"), final_markdown(result["rows"], c.judge))
     return result
 
 
-def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path, lora: bool = False) -> dict:
-    """Export the chosen edit's weights to ``d``/export (replacing a previous choice's) and verify them; with
-    ``lora`` also the adapter in ``d``/lora."""
-    from ..export import default_tol, load_exported
-    from ..export.method_export import export_method_model, verify_method_export
-    from ..search import build_intervention
+def export_chosen(run: Run, samples, candidates, chosen: dict, lora: bool = False) -> dict:
+    """Export the chosen edit's weights to optimize/export (replacing a previous choice's) and verify them; with
+    ``lora`` also the adapter in optimize/lora."""
+    from ..edits import build
+    from ..export import default_tol, export_edit, load_exported, verify_method_export
+    from .compare_methods import edit_inputs
 
     c = run.config
-    out = d / "export"
-    record_path = d / "export.json"
+    out = run.layout.optimize_export
+    record_path = run.layout.optimize_export_record
     if record_path.is_file() and out.is_dir():
         saved = read_json(record_path, "run file")
         if saved.get("trial") == chosen["number"] and (not lora or saved.get("lora")):
             return saved
     src = _float32_source(run)
-    iv = build_intervention(src, candidates, chosen["params"], f"trial{chosen['number']}", c.prune_layer_fraction)
-    export_method_model(src, iv, out, run_info={"run_dir": str(run.out.resolve()), "optimize_trial": chosen},
-                        force=True)
+    inputs = replace(edit_inputs(run, samples, candidates, run.saved_direction()), lm=src)
+    iv = build(inputs, chosen["params"], f"trial{chosen['number']}")
+    export_edit(src, iv, out, run_info={"run_dir": str(run.out.resolve()), "optimize_trial": chosen}, force=True)
     exported = load_exported(out, device=src.device, dtype=src.dtype)
     tol = default_tol(src.dtype)
     prompts = [i.text for i in samples.eval[:8]]
@@ -122,10 +121,10 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path, lora: bo
              out, verify["max_abs_logit_diff"], verify["agreement"], verify["ok"])
     record = {"trial": chosen["number"], "dir": str(out), "verify": verify}
     if lora:
-        factors = _lora_factors(src, exported)
+        factors = _lora_factors(src, exported, iv)
         del exported  # before the verification's copy of the source: one float32 copy more, not two
         record["lora"] = factors if "skipped" in factors else _export_lora(src, factors["factors"], iv, prompts,
-                                                                            d / "lora", tol, c.model)
+                                                                            run.layout.optimize_lora, tol, c.model)
     else:
         del exported
     del src
@@ -133,8 +132,9 @@ def export_chosen(run: Run, samples, candidates, chosen: dict, d: Path, lora: bo
     return record
 
 
-def _lora_factors(src, exported) -> dict:
-    """{"factors": ...} of what the merged export changed, or {"skipped": why} when there is no exact LoRA form."""
+def _lora_factors(src, exported, edit) -> dict:
+    """{"factors": ...} of what the merged export changed, or {"skipped": why} when there is no exact LoRA form
+    (the edit's stated reason, a dtype whose rounding is not low-rank, or a change no adapter holds)."""
     import torch
 
     from ..export.lora import LoraUnsupported, lora_factors
@@ -146,6 +146,9 @@ def _lora_factors(src, exported) -> dict:
                "are taken from a float32 export; use the merged export")
         log.warning("optimize: no LoRA adapter: %s", why)
         return {"skipped": why}
+    if "lora" in edit.reasons:
+        log.warning("optimize: no LoRA adapter: %s", edit.reasons["lora"])
+        return {"skipped": f"{edit.method}: {edit.reasons['lora']}"}
     try:
         return {"factors": lora_factors(src.model, exported)}
     except LoraUnsupported as exc:
@@ -157,8 +160,8 @@ def _export_lora(src, factors: dict, iv, prompts, out: Path, tol: float, base_na
     """Write the adapter of ``factors`` and verify it against the hooks (peft loads it onto a copy of the source)."""
     import shutil
 
+    from ..export import verify_method_export
     from ..export.lora import load_lora, save_lora
-    from ..export.method_export import verify_method_export
 
     if out.exists():
         shutil.rmtree(out)

@@ -1,8 +1,7 @@
 """The output directory before any heavy import: is it ours, may it be reused or cleared, who holds it.
 
 - A run directory has ``config.json`` and ``run/manifest`` (every file the package wrote there).
-  ``--force`` deletes only the manifest's files (or, in a run directory made before manifests, only the
-  files of the run layout); anything else in the directory is kept and named in the log.
+  ``--force`` deletes only the manifest's files; anything else in the directory is kept and named in the log.
 - A directory that is not a run and holds anything but ``run.log`` is refused, ``--force`` or not.
 - ``run/lock`` holds the pid and host of the process using the directory; a second process is refused,
   and a lock left by a dead process on this host is taken over (with a message).
@@ -22,31 +21,24 @@ from pathlib import Path
 from ..config import RunConfig
 from ..errors import UserError
 from ..fileio import MANIFEST, manifest_entries, read_json, track_writes
+from .layout import LOCK, RUN_LOG, RunLayout
 
 log = logging.getLogger(__name__)
-
-RUN_LOG = "run.log"
-LOCK = Path("run") / "lock"
-# The layout of a run (README, "Run directory"): what a run made before manifests existed may hold.
-LAYOUT_FILES = {"config.json", "environment.json", "timings.json", "direction.safetensors", "direction.json",
-                "selection.json", "safety_status.json", "capability.json", "summary.json", "report.md",
-                "report.html", "stages.json"}
-LAYOUT_DIRS = {"samples", "directions", "completions", "figures", "run"}
 
 
 def read_saved_config(out: Path) -> dict:
     """``out``/config.json as a dict with a ``config`` object; `UserError` for a damaged file."""
-    saved = read_json(out / "config.json", "run config", fix="restore it, or start a new run with another --out")
+    path = RunLayout(out).config
+    saved = read_json(path, "run config", fix="restore it, or start a new run with another --out")
     if not isinstance(saved.get("config"), dict):
-        raise UserError(f"run config {out / 'config.json'}: has no 'config' object; restore it, or start a new run "
+        raise UserError(f"run config {path}: has no 'config' object; restore it, or start a new run "
                         "with another --out")
     return saved
 
 
 def config_mismatch(out: Path, config: RunConfig) -> str | None:
     """Why ``out`` cannot hold a run of ``config`` (it belongs to another configuration), or None."""
-    cfg_path = Path(out) / "config.json"
-    if not cfg_path.is_file():
+    if not RunLayout(out).config.is_file():
         return None
     saved = read_saved_config(Path(out))
     if saved.get("fingerprint") == config.fingerprint():
@@ -69,14 +61,8 @@ def foreign_files(out: Path) -> list[str]:
 
 
 def owned_files(out: Path) -> set[str]:
-    """The files of ``out`` that the package wrote: its manifest, or for an older run its layout files."""
-    ours = manifest_entries(out) | {MANIFEST.as_posix(), LOCK.as_posix()}
-    if not (out / MANIFEST).is_file() and (out / "config.json").is_file():
-        for p in out.rglob("*"):
-            rel = p.relative_to(out)
-            if p.is_file() and (rel.as_posix() in LAYOUT_FILES or rel.parts[0] in LAYOUT_DIRS):
-                ours.add(rel.as_posix())
-    return ours
+    """The files of ``out`` that the package wrote: its manifest's entries, the manifest and the lock."""
+    return manifest_entries(out) | {MANIFEST.as_posix(), LOCK.as_posix()}
 
 
 def check_out_dir(out: Path, config: RunConfig, force: bool) -> None:
@@ -85,7 +71,7 @@ def check_out_dir(out: Path, config: RunConfig, force: bool) -> None:
         raise UserError(f"--out {out} exists and is a file; pass a directory path")
     if not out.is_dir():
         return
-    if (out / "config.json").is_file():
+    if RunLayout(out).config.is_file():
         mismatch = config_mismatch(out, config)
         if mismatch is not None and not force:
             raise UserError(mismatch)
@@ -139,7 +125,7 @@ def acquire_lock(out: Path) -> None:
     if out in _HELD:
         _HELD[out] += 1
         return
-    path = out / LOCK
+    path = RunLayout(out).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(3):
@@ -185,9 +171,10 @@ def release_lock(out: Path) -> None:
     if _HELD[out] > 0:
         return
     del _HELD[out]
-    (out / LOCK).unlink(missing_ok=True)
+    lock = RunLayout(out).lock
+    lock.unlink(missing_ok=True)
     try:
-        (out / LOCK).parent.rmdir()  # only if empty: a run that wrote nothing leaves only run.log
+        lock.parent.rmdir()  # only if empty: a run that wrote nothing leaves only run.log
     except OSError:
         pass
 

@@ -5,8 +5,9 @@ unless forced, so re-running an interrupted command resumes where it stopped::
 
     samples -> extract -> direction (fixed or auto-selected) -> generate -> score -> capability -> report
 
-Run directory layout: see the README ("Run directory"). This module keeps the entry points
-(`replicate`, `start_run`, `run_stage`, `stage_score`, `stage_report`) and re-exports the stages.
+Run directory layout: `layout.RunLayout` (README, "Run directory"). This module keeps the entry points
+(`replicate`, the Python API under the command; `start_run`, `run_stages`, `run_stage`, `stage_score`,
+`stage_report`) and re-exports the stages.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, validate
 from ..core.directions import load_candidates
-from ..errors import UserError
+from ..errors import UserError, UserErrors
 from ..fileio import atomic_write_json, read_json, record_in_manifest
+from ..report.summary import Summary
 from .direction import select_direction, stage_direction
 from .evaluate import stage_capability, stage_safety
 from .extract import stage_extract, stage_samples
 from .generate import check_completions, condition_intervention, load_completions, stage_generate, write_completions
+from .outdir import release_lock
 from .preflight import check_paths, preflight, probe_model
+from .results import ReplicateResult
 from .rundir import (
     CONDITION_FILES,
     Run,
@@ -31,15 +35,16 @@ from .rundir import (
     log_to_run_dir,
     open_run,
     prepare_run,
+    process_age_s,
     write_environment,
 )
 from .summary import PAPER, build_summary, display_name
 
 __all__ = [
-    "CONDITION_FILES", "PAPER", "Run", "build_summary", "clear_outputs", "condition_intervention", "config_mismatch",
-    "display_name", "load_completions", "log_to_run_dir", "open_run", "preflight", "prepare_run", "probe_model",
-    "replicate", "run_stage", "select_direction", "stage_capability", "stage_direction", "stage_extract",
-    "stage_generate", "stage_report", "stage_safety", "stage_samples", "stage_score", "start_run",
+    "CONDITION_FILES", "PAPER", "ReplicateResult", "Run", "build_summary", "clear_outputs", "condition_intervention",
+    "config_mismatch", "display_name", "load_completions", "log_to_run_dir", "open_run", "preflight", "prepare_run",
+    "probe_model", "replicate", "run_stage", "run_stages", "select_direction", "stage_capability", "stage_direction",
+    "stage_extract", "stage_generate", "stage_report", "stage_safety", "stage_samples", "stage_score", "start_run",
     "write_completions", "write_environment",
 ]
 
@@ -72,27 +77,27 @@ def stage_score(run: Run, force: bool = False) -> dict:
     t0 = time.perf_counter()
     check_completions(run, stage_samples(run))
     safety_status = stage_safety(run, force)
-    cap_path = run.out / "capability.json"
+    cap_path = run.layout.capability
     capability = read_json(cap_path, "run file") if cap_path.is_file() else {}
     run.timing("score_s", time.perf_counter() - t0)  # before the summary, which lists the timings
     summary = build_summary(run, safety_status, capability)
-    atomic_write_json(run.summary_path, summary)
+    atomic_write_json(run.layout.summary, summary)
     return summary
 
 
 def stage_report(run: Run) -> dict:
-    from ..report import Summary, build_report
+    from ..report import build_report
 
     t0 = time.perf_counter()
-    if not run.summary_path.is_file():
+    layout = run.layout
+    if not layout.summary.is_file():
         raise UserError(f"{run.out} has no summary.json yet; run `refusal-direction score {run.out}` first")
     check_completions(run, stage_samples(run))
-    summary = Summary.from_json(read_json(run.summary_path, "run file"), source=str(run.summary_path))
-    selection = read_json(run.out / "selection.json", "run file") if (run.out / "selection.json").is_file() \
-        else None
+    summary = Summary.from_json(read_json(layout.summary, "run file"), source=str(layout.summary))
+    selection = read_json(layout.selection, "run file") if layout.selection.is_file() else None
     tensors = {}
     for name in ("candidates", "mean_harmful", "mean_harmless"):
-        p = run.out / "directions" / f"{name}.safetensors"
+        p = layout.directions_file(name)
         tensors[name] = load_candidates(p).vectors if p.is_file() else None
     paths = build_report(summary, load_completions(run), run.out, selection=selection,
                          candidates=tensors["candidates"], mean_harmful=tensors["mean_harmful"],
@@ -104,15 +109,38 @@ def stage_report(run: Run) -> dict:
 
 def record_figures(run: Run) -> None:
     """Figures are written by matplotlib, not fileio: list them in the manifest (only ours: *.png we name)."""
-    for p in (run.out / "figures").glob("*.png") if (run.out / "figures").is_dir() else ():
+    figures = run.layout.figures_dir
+    for p in figures.glob("*.png") if figures.is_dir() else ():
         record_in_manifest(run.out, p)
-    for name in ("report.md", "report.html"):
-        if (run.out / name).is_file():
-            record_in_manifest(run.out, run.out / name)
+    for path in (run.layout.report_md, run.layout.report_html):
+        if path.is_file():
+            record_in_manifest(run.out, path)
 
 
-def replicate(run: Run, force: bool = False) -> dict:
-    """Run every stage; completed stages are reused (resume) unless ``force``."""
+def replicate(config: RunConfig, out: str | Path, *, force: bool = False, progress: bool = False,
+              loader=None) -> ReplicateResult:
+    """The whole replication of ``config`` in the run directory ``out``: samples, extraction, direction,
+    generation, scores, report. A re-run resumes from the completed stages (``force``: recompute them; another
+    config's run: delete only its files). ``loader`` (tests): a function of the config giving the model."""
+    problems = validate(config)  # a RunConfig built directly, not by build_config, is checked too
+    if problems:
+        raise UserErrors(problems)
+    imported = process_age_s()  # the command line tool: interpreter start-up and the imports until here
+    run = start_run(out, config, force=force, progress=progress, loader=loader)
+    try:
+        if imported is not None:
+            run.timing("startup_s", imported)
+        summary = run_stages(run, force=force)
+        age = process_age_s()
+        if age is not None:  # this process's whole time: start-up, preflight, the stages it ran (or skipped), report
+            run.timing("process_s", age)
+    finally:
+        release_lock(run.out)
+    return ReplicateResult(run.out, config, Summary.from_json(summary, source=str(run.layout.summary)))
+
+
+def run_stages(run: Run, force: bool = False) -> dict:
+    """Run every stage of ``run``; completed stages are reused (resume) unless ``force``. summary.json's content."""
     samples = stage_samples(run)
     # A given direction file needs no extraction (the report then has no candidate plots).
     candidates = None if run.config.direction_file else stage_extract(run, samples, force)

@@ -11,15 +11,32 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import INDUCE_THRESHOLD, KL_THRESHOLD, PRUNE_LAYER_FRACTION
+from ..config import FIELDS
 from ..errors import UserError
 from ..fileio import read_json
 
+if TYPE_CHECKING:
+    from ..selection import SelectionResult
+
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"kl_threshold": KL_THRESHOLD, "induce_threshold": INDUCE_THRESHOLD,
-            "prune_layer_fraction": PRUNE_LAYER_FRACTION}
+THRESHOLDS = ("kl_threshold", "induce_threshold", "prune_layer_fraction")  # the run config's keys, and defaults
+DEFAULTS = {key: FIELDS[key].default for key in THRESHOLDS}
+
+
+def select(from_scores: str | Path, n_layers: int | None = None, *, kl_threshold: float | None = None,
+           induce_threshold: float | None = None, prune_layer_fraction: float | None = None) -> SelectionResult:
+    """The paper's filtering and ranking on saved scores (our selection.json or the paper's
+    direction_evaluations.json), no model: a `selection.SelectionResult`. Values left None: the file's stored
+    ones, else the run config's defaults."""
+    from ..selection import SelectionThresholds, select_from_scores_file
+
+    n_layers, given = stored_selection_args(Path(from_scores), n_layers, {
+        "kl_threshold": kl_threshold, "induce_threshold": induce_threshold,
+        "prune_layer_fraction": prune_layer_fraction})
+    return select_from_scores_file(Path(from_scores), n_layers, SelectionThresholds(**given))
 
 
 def stored_selection_args(path: Path, n_layers: int | None, given: dict[str, float | None]

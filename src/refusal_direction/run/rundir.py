@@ -1,7 +1,8 @@
-"""The run directory: its paths, creating and reopening it, environment.json, timings.json and run.log.
+"""The run directory: creating and reopening it, environment.json, timings.json and run.log.
 
-Every file of a run lives under one directory (layout: README, "Run directory"); `Run` names them,
-loads the model lazily, once, and records the environment the first time it does.
+Every file of a run lives under one directory, whose paths `Run.layout` names (`layout.RunLayout`; README,
+"Run directory"); `Run` loads the model lazily, once, records the environment the first time it does, and
+carries the run's generation settings (`Run.generation`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig, build_config
+from ..core.decoding import GenerationSettings
 from ..errors import UserError
 from ..fileio import atomic_write_json, read_json
-from .outdir import RUN_LOG, acquire_lock, check_out_dir, clear_outputs, config_mismatch, read_saved_config
+from .layout import RUN_LOG, RunLayout
+from .outdir import acquire_lock, check_out_dir, clear_outputs, config_mismatch, read_saved_config
 
-__all__ = ["RUN_LOG", "CONDITION_FILES", "Run", "clear_outputs", "config_mismatch", "prepare_run", "open_run",
-           "log_to_run_dir", "write_environment", "process_age_s"]
+__all__ = ["RUN_LOG", "CONDITION_FILES", "Run", "RunLayout", "clear_outputs", "config_mismatch", "prepare_run",
+           "open_run", "log_to_run_dir", "write_environment", "process_age_s"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # condition -> (dataset key, intervention name in file names)
@@ -53,26 +56,19 @@ class Run:
     loader: Callable[[RunConfig], object] | None = None  # tests inject tiny models here
     _lm: object = field(default=None, repr=False)
 
-    # paths
     @property
-    def samples_dir(self) -> Path:
-        return self.out / "samples"
+    def layout(self) -> RunLayout:
+        """Every path of the run directory (`layout.RunLayout`)."""
+        return RunLayout(self.out)
 
     @property
-    def direction_path(self) -> Path:
-        return self.out / "direction.safetensors"
-
-    @property
-    def candidates_path(self) -> Path:
-        return self.out / "directions" / "candidates.safetensors"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.out / "summary.json"
+    def generation(self) -> GenerationSettings:
+        """The run's generation settings (budget, batch size, stopping, backend, decode step, progress)."""
+        return GenerationSettings.from_config(self.config, self.progress)
 
     def completions_path(self, condition: str) -> Path:
         dataset_key, name = CONDITION_FILES[condition]
-        return self.out / "completions" / f"{self.dataset_name(dataset_key)}__{name}.jsonl"
+        return self.layout.completions(self.dataset_name(dataset_key), name)
 
     def dataset_name(self, key: str) -> str:
         if key.startswith("xstest_"):
@@ -105,7 +101,7 @@ class Run:
             torch.cuda.empty_cache()
 
     def timing(self, key: str, seconds: float) -> None:
-        path = self.out / "timings.json"
+        path = self.layout.timings
         data = read_json(path, "run file") if path.is_file() else {}
         data[key] = round(seconds, 3)
         atomic_write_json(path, data)
@@ -114,10 +110,10 @@ class Run:
         """The run's direction (direction.safetensors), checked against the run's model."""
         from ..core.directions import load_direction
 
-        if not self.direction_path.is_file():
+        if not self.layout.direction.is_file():
             raise UserError(f"{self.out} has no direction yet; run `refusal-direction replicate --out {self.out}` "
                             "first")
-        return load_direction(self.direction_path, model_id=self.config.model)
+        return load_direction(self.layout.direction, model_id=self.config.model)
 
 
 def process_age_s() -> float | None:
@@ -148,7 +144,7 @@ def prepare_run(out: str | Path, config: RunConfig, force: bool = False, progres
     check_out_dir(out, config, force)
     out.mkdir(parents=True, exist_ok=True)
     acquire_lock(out)
-    cfg_path = out / "config.json"
+    cfg_path = RunLayout(out).config
     if cfg_path.is_file() and config_mismatch(out, config) is not None:
         clear_outputs(out)  # force: check_out_dir raised otherwise
     atomic_write_json(cfg_path, {"fingerprint": config.fingerprint(), "config": config.to_dict(),
@@ -159,8 +155,7 @@ def prepare_run(out: str | Path, config: RunConfig, force: bool = False, progres
 def open_run(out: str | Path, overrides: dict | None = None, progress: bool = False, loader=None) -> Run:
     """Reopen an existing run directory with its saved config (``overrides`` for non-result fields)."""
     out = Path(out)
-    cfg_path = out / "config.json"
-    if not cfg_path.is_file():
+    if not RunLayout(out).config.is_file():
         raise UserError(f"{out} is not a run directory (no config.json); create one with "
                         "`refusal-direction replicate --out DIR`")
     saved = read_saved_config(out)["config"]
@@ -171,7 +166,7 @@ def open_run(out: str | Path, overrides: dict | None = None, progress: bool = Fa
 
 def check_numerics(out: Path, device: str, dtype: str) -> None:
     """Refuse to resume a run on another device type or dtype than it began with (mixed numerics)."""
-    env_path = out / "environment.json"
+    env_path = RunLayout(out).environment
     if not env_path.is_file():
         return
     from ..core.model import resolve_device, resolve_dtype
@@ -189,7 +184,7 @@ def check_numerics(out: Path, device: str, dtype: str) -> None:
 def log_to_run_dir(out: Path, logger: logging.Logger) -> logging.Handler:
     """Append ``logger``'s records to ``out``/run.log (``out`` is created); returns the handler added."""
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / RUN_LOG)
+    handler = logging.FileHandler(RunLayout(out).run_log)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logger.addHandler(handler)
     return handler
@@ -209,7 +204,7 @@ def write_environment(run: Run) -> None:
         "chat_format": {"prefix": lm.chat.prefix, "suffix": lm.chat.suffix, "source": lm.chat.source},
         "post_instruction_tokens": lm.post_instruction_tokens(),
     }
-    path = run.out / "environment.json"
+    path = run.layout.environment
     old = read_json(path, "run file") if path.is_file() else {}
     for key in ("generation_backend", "decode_step"):  # recorded by the generate stage; kept across model loads
         if key in old:

@@ -39,8 +39,8 @@ def build_summary(run: Run, safety_status: dict, capability: dict) -> dict:
     c = run.config
     completions = load_completions(run)
     add_judged_refusal(completions, c.judge)
-    meta = json.loads(run.direction_path.with_suffix(".json").read_text())
-    env_path, timings_path = run.out / "environment.json", run.out / "timings.json"
+    meta = json.loads(run.layout.direction_meta.read_text())
+    env_path, timings_path = run.layout.environment, run.layout.timings
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     placeholder = Direction(torch.zeros(1), meta["layer"], meta["position"])  # describe() needs no real vector
     described = {cond: condition_intervention(cond, placeholder, c.actadd_coeff).describe() for cond in completions}

@@ -8,7 +8,7 @@
 - KL: KL(baseline ‖ trial) of the next-token distribution at the last prompt position (as
   `evaluation.capability.next_token_kl`), mean over the harmless prompts. The K trials' rows share forward
   passes: the prompts are repeated once per trial ([K · n, seq], up to ``max_rows`` rows per pass) and every
-  trial acts on its own rows only (`core.stacked.apply_interventions`: the projection forms stacked into one
+  trial acts on its own rows only (`edits.stacked.apply_interventions`: the projection forms stacked into one
   hook per site, the others with per-row switches). Only the last position's logits are computed. The
   baseline distribution is computed once per evaluator.
 
@@ -29,7 +29,7 @@ from ..core.batching import run_batched
 from ..core.decoding import GenerationSettings
 from ..core.head import packed_head_input
 from ..core.model import LoadedModel
-from ..core.stacked import apply_interventions
+from ..edits.stacked import apply_interventions
 from ..evaluation.capability import position_ids
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,7 @@ class TrialEvaluator:
     harmful: Sequence[str]
     harmless: Sequence[str]
     judge: object  # evaluation.judges.Judge
-    settings: GenerationSettings
-    backend: str = "auto"
-    step: str = "hf"  # the fast path's decode step
+    settings: GenerationSettings  # the search's generation (budget, batch, stopping, backend, decode step)
     max_rows: int = 2048  # rows per KL forward pass (fewer on out-of-memory)
     _base: torch.Tensor | None = field(default=None, repr=False)  # [n_harmless, vocab]
     _enc: dict | None = field(default=None, repr=False)
@@ -107,8 +105,7 @@ class TrialEvaluator:
         from ..generation import generate_all
 
         t0 = time.perf_counter()
-        gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings, backend=self.backend,
-                            step=self.step)
+        gens = generate_all(self.lm, list(self.harmful), list(interventions), self.settings)
         t1 = time.perf_counter()
         new = {(i, g.text) for iv in interventions for i, g in enumerate(gens[iv.name])} - self._verdicts.keys()
         if new:  # each distinct (prompt, answer) is judged once per search: many trials give the same answers

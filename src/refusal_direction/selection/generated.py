@@ -10,7 +10,7 @@ else changed. This rule measures the first directly and keeps the proxy as a che
    a prompt the model answers anyway carries no signal, and 16 of 32 validation prompts were too few to tell
    candidates apart on Qwen2.5-Coder-0.5B: docs/SELECTION.md);
 3. generate greedy answers (``new_tokens`` tokens) to the pool with each kept candidate ablated, all
-   candidates in one `generation.generate_all` call (one batch on the fast CUDA path, `core.stacked`), and
+   candidates in one `generation.generate_all` call (one batch on the fast CUDA path, `edits.stacked`), and
    judge each answer with `evaluation.refusal.is_refusal`;
 4. choose the lowest refusal rate; ties are broken by the lower KL, then by the lower bypass score.
 """
@@ -24,8 +24,8 @@ from typing import Sequence
 
 from ..core.decoding import GenerationSettings
 from ..core.directions import CandidateDirections
-from ..core.interventions import DirectionalAblation
 from ..core.model import LoadedModel
+from ..edits import DirectionalAblation
 from ..errors import UserError
 from .rules import CandidateScore
 
@@ -108,8 +108,7 @@ def prefilter(scores: Sequence[CandidateScore], n_layers: int,
 
 
 def refusal_counts(lm: LoadedModel, candidates: CandidateDirections, keys: Sequence[tuple[int, int]],
-                   harmful: Sequence[str], settings: GenerationSettings, backend: str = "auto",
-                   progress: bool = False, step: str = "hf") -> list[int]:
+                   harmful: Sequence[str], settings: GenerationSettings) -> list[int]:
     """Refusals among greedy answers to ``harmful`` with each candidate at ``keys`` ablated.
 
     One `generate_all` call: every candidate is one condition, batched together on the fast path; answers are
@@ -120,23 +119,21 @@ def refusal_counts(lm: LoadedModel, candidates: CandidateDirections, keys: Seque
 
     interventions = [DirectionalAblation(candidates.get(p, layer).vector, name=f"selection_ablation_p{p}_l{layer}")
                      for p, layer in keys]
-    out = generate_all(lm, list(harmful), interventions, settings, progress=progress, backend=backend, step=step)
+    out = generate_all(lm, list(harmful), interventions, settings)
     return [sum(is_refusal(g.text) for g in out[iv.name]) for iv in interventions]
 
 
 def select_by_generation(lm: LoadedModel, candidates: CandidateDirections, scores: Sequence[CandidateScore],
                          pool: Sequence[str], rule: GenerationRule, settings: GenerationSettings,
-                         backend: str = "auto", progress: bool = False,
-                         baseline_refused: int | None = None, step: str = "hf") -> GenerationResult:
+                         baseline_refused: int | None = None) -> GenerationResult:
     """Pre-filter ``scores`` (the sweep's bypass and KL), judge the kept candidates' ablated answers to
     ``pool`` (harmful prompts the unablated model refuses: ``baseline_refused`` defaults to all of them), and
     choose the lowest refusal rate (ties: lower KL). Raises UserError when no candidate is eligible."""
     kept, discarded = prefilter(scores, candidates.n_layers, rule)
     if not kept:
         raise UserError(nothing_eligible_message(scores, candidates.n_layers, rule))
-    settings = GenerationSettings(rule.new_tokens, settings.batch_size, settings.stop_at_end_of_turn)
-    counts = refusal_counts(lm, candidates, [(s.position, s.layer) for s in kept], pool, settings, backend,
-                            progress, step)
+    settings = settings.replace(max_new_tokens=rule.new_tokens)
+    counts = refusal_counts(lm, candidates, [(s.position, s.layer) for s in kept], pool, settings)
     judged = sorted((GeneratedScore(s, n, len(pool)) for s, n in zip(kept, counts)), key=GeneratedScore.rank_key)
     best = judged[0]
     log.info("generation rule: position %d, layer %d still refuses %d of %d pool prompts ablated at KL %.4f; "

@@ -3,7 +3,7 @@
 Both give last-position logits of rows where row i ablates candidate cands[i] everywhere, or adds it at its
 layer if induce[i]; the chat template's opening is computed once per distinct intervention:
 
-- `HFPasses`: HF's forward with per-row hooks (`core.interventions.per_row_interventions`): any
+- `HFPasses`: HF's forward with per-row hooks (`core.hooks.per_row_interventions`): any
   architecture; the reference. Each shortcut (shared opening, shared prefix) is checked once against the
   model's own full passes and dropped (with a log line) if it does not reproduce them.
 - `FastPasses`: `accel.fast_forward.SweepDecoder`, the sweep's own forward for standard pre-norm decoders
@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..accel.fast_forward import (
+from ..accel import (
     BUILT_DECODER,
     RowInterventions,
     SweepDecoder,
@@ -31,9 +31,9 @@ from ..accel.fast_forward import (
     shared_decoder,
     weights_key,
 )
-from ..core.interventions import per_row_interventions
 from ..core.model import LoadedModel
 from ..core.padding import device_tensor
+from ..edits import per_row_interventions
 from .logits import last_logits, opening_cache, opening_matches, reproduces_logits
 from .prefix import Prefix, capture_prefix, replay, replay_matches
 

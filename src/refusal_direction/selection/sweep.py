@@ -15,8 +15,8 @@ baseline distribution for the KL is computed once. Induce rows start from the ba
 (`prefix`), and the chat template's opening is computed once per distinct intervention (`logits`). The passes
 run through HF's forward with hooks or the sweep's own forward (`passes`).
 
-gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 1.81-1.86 s warm, 2.9-3.6 s first call in a
-process (HF's forward with hooks: 2.54-2.94 s; one candidate at a time: 13-16 s); BENCHMARKS.md has the profile.
+gemma-2b-it shape on one H200, bf16, 90 candidates, 32 + 32 prompts: 1.87 s warm (HF's forward with hooks 2.60-2.63 s);
+Llama-3-8B shape, 160 candidates: 10.81 s (HF's 15.2 s); BENCHMARKS.md "Selection sweep".
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from ..accel.fusion import fused_kernels, restricted_sdpa
+from ..accel import fused_kernels, restricted_sdpa
 from ..core.batching import run_batched
 from ..core.directions import CandidateDirections
 from ..core.model import LoadedModel
