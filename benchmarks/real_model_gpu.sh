@@ -3,7 +3,7 @@
 # GGUF assembled from parts copied to /tmp/blob beforehand, wheels the machine lacks carried in .whl/, the data
 # in .data/ (a copy of the shared datasets: splits, processed, jailbreakbench, xstest prompts).
 #
-#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill bench8b
+#   bash benchmarks/real_model_gpu.sh STEP [STEP ...]     with STEP in: setup study auto compare offload optimize optfresh optprofile optkill card bench8b
 #                                                          gputests fwdcheck noise ownreal bench2b ab2b ab8b prof2b prof8b multi70b multidry
 #
 # Each step writes its run directory under $RUNS (default /tmp/runs); the small result files of the steps go into
@@ -127,6 +127,11 @@ for step in "$@"; do
       done
       tail -n 8 $RUNS/noise-*.json; grep -h '"forward"\|error' $RUNS/fwdcheck32-*.json
       keep noise $RUNS/noise-*.json $RUNS/fwdcheck32-*.json;;
+    card)  # #31: the report card of BASE and the edits of the auto, optfresh and compare steps' run directories
+      time rd card --base $GGUF --model dim=$RUNS/auto --model optimize=$RUNS/optfresh@optimize \
+          --model cosmic=$RUNS/compare@cosmic --model layer_kernel=$RUNS/compare@layer_kernel --out $RUNS/card
+      keep card $RUNS/card/card.json $RUNS/card/card.md $RUNS/card/card.html $RUNS/card/pareto_kl.png \
+           $RUNS/card/pareto_humaneval.png $RUNS/card/run.log;;
     multi70b)  # issue 19 (2+ GPUs): Llama-3-70B's shape across the GPUs; every 8th layer swept, one batch each
       python benchmarks/multi_gpu.py --model llama-3-70b-shape --device-map auto --sweep-layers 0,8,16,24,32,40,48,56,64,72,79 \
           --batch-size 100 --out $RUNS/multi70b.json 2>&1 | tail -40

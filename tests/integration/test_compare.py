@@ -7,21 +7,9 @@ import json
 import pytest
 
 from refusal_direction.report.compare import compare_table, dominates_reference
-from tests.helpers.cli import run_cli
+from refusal_direction.run.compare_methods import compare_methods
+from tests.helpers.cli import run_cli, tiny_run_toml
 from tests.helpers.tiny import save_tiny_gemma
-
-SETTINGS = """n_train = 6
-n_val = 3
-n_eval = 4
-n_harmless_eval = 3
-max_new_tokens = 4
-batch_size = 8
-layer = 1
-position = -2
-device = "cpu"
-data_dir = "{data}"
-"""
-
 
 cli = run_cli
 
@@ -31,7 +19,7 @@ def compared(tmp_path_factory, data_dir):
     model = save_tiny_gemma(tmp_path_factory.mktemp("tiny") / "tiny-gemma")
     out = tmp_path_factory.mktemp("cmp") / "run"
     toml = out.parent / "settings.toml"
-    toml.write_text(SETTINGS.format(data=data_dir))
+    toml.write_text(tiny_run_toml(data_dir, n_eval=4, judge=None))
     cli("compare", "--model", model, "--out", out, "--config", toml, "--n-xstest", "3")
     return model, out
 
@@ -40,8 +28,8 @@ def test_compare_writes_one_row_per_method(compared):
     _, out = compared
     table = json.loads((out / "compare" / "table.json").read_text())
     names = [r["method"] for r in table["rows"]]
-    assert names == ["baseline", "dim", "projected", "norm_preserving", "layer_kernel", "subspace", "ace", "cosmic",
-                     "position_mean"]
+    assert names == compare_methods()  # every registered compare row, in table order
+    assert names[:8] == ["baseline", "dim", "projected", "norm_preserving", "layer_kernel", "subspace", "ace", "cosmic"]
     for row in table["rows"]:
         assert row["refusal"]["n"] == 4 and row["over_refusal"]["n"] == 3
         assert row["kl"]["n"] == 3 and row["ce"]["value"] is not None

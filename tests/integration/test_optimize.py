@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.cli import run_cli
+from tests.helpers.cli import run_cli, tiny_run_toml
 from tests.helpers.tiny import save_tiny_gemma
 
 pytest.importorskip("optuna")
@@ -28,18 +28,6 @@ from refusal_direction.search import (  # noqa: E402
     recover_running,
 )
 
-SETTINGS = """n_train = 6
-n_val = 3
-n_eval = 3
-n_harmless_eval = 3
-max_new_tokens = 4
-batch_size = 8
-layer = 1
-position = -2
-device = "cpu"
-judge = "substring"
-data_dir = "{data}"
-"""
 FAST = ["--batch-trials", "3", "--search-tokens", "3", "--n-xstest", "2"]
 
 
@@ -51,7 +39,7 @@ def optimized(tmp_path_factory, data_dir):
     model = save_tiny_gemma(tmp_path_factory.mktemp("tiny") / "tiny-gemma")
     out = tmp_path_factory.mktemp("opt") / "run"
     toml = out.parent / "settings.toml"
-    toml.write_text(SETTINGS.format(data=data_dir))
+    toml.write_text(tiny_run_toml(data_dir))
     cli("optimize", "--model", model, "--out", out, "--config", toml, "--trials", "5", *FAST)
     return model, out, toml
 

@@ -24,9 +24,8 @@ def export_cmd(
     overrides: dict | None = None,
     streaming: bool = typer.Option(False, "--streaming", help="edit the safetensors shards one at a time (no model "
                                                               "in memory; automatic with a run's --device-map)"),
-    method: str = typer.Option("dim", help="method whose weight form to bake in: a registered method (`compare`'s "
-                                           "rows: dim, projected, norm_preserving, layer_kernel, subspace, ace, cosmic;"
-                                           " position_mean; optimize: the run's chosen trial)"),
+    method: str = typer.Option("dim", help="the method whose weight form to bake in: any registered method with one "
+                                           "(`compare`'s rows; `optimize`: the run's chosen trial)"),
 ) -> None:
     """Write an HF model directory with the run's direction (or a method's edit) in the weights (research only)."""
     from ..run.export import export_run

@@ -218,7 +218,10 @@ def _system_prompt(base, s: CardSettings, shared: dict) -> str | None:
     try:
         with_system_prompt(base, HERETIC_SYSTEM_PROMPT)
     except UserError as exc:
-        shared["first_token_template"] = f"the model's own chat template: {exc}"
+        from .summary import display_name
+
+        why = str(exc).replace(str(base.model_id), display_name(str(base.model_id)))  # no machine paths in the card
+        shared["first_token_template"] = f"the model's own chat template: {why}"
         log.warning("card: first-token KL without heretic's system prompt: %s", exc)
         return None
     shared["first_token_template"] = f"the model's chat template with heretic's system turn {HERETIC_SYSTEM_PROMPT!r}"

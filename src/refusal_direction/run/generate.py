@@ -92,8 +92,8 @@ def write_completions(run: Run, condition: str, items: list[Instruction], gens) 
 
 def check_backend(run: Run, backend: str, force: bool, step: str) -> None:
     """Completions of one run come from one generation backend and, on the fast path, one decode step (in bf16 the
-    two steps round differently): record them, refuse a switch on resume. A fast-path run recorded before the step
-    was (session 11) used HF's step."""
+    two steps round differently): record them, refuse a switch on resume (a fast-path run whose step is not recorded
+    resumes on neither)."""
     path = run.layout.environment
     env = read_json(path, "run file") if path.is_file() else {}
     old = env.get("generation_backend")
