@@ -36,14 +36,8 @@ ALL_CONDITIONS = ("baseline", "ablation", "actadd_negative", "harmless_baseline"
 XSTEST_CONDITIONS = ("xstest_safe_baseline", "xstest_safe_ablation", "xstest_safe_actadd",
                      "xstest_unsafe_baseline", "xstest_unsafe_ablation")
 JUDGE_NAMES = ("substring", "rules", "learned")  # evaluation.judges.JUDGES (checked by a test)
-# The second judge: a run's default is RunConfig.judge (learned); `score FILE` (evaluation.scorefile) adds none
-# unless named, because a completions file is most often a released one (the paper's, XSTest's) whose headline
-# is the substring score: scoring it reproduces that number alone, and a judge beside it is asked for by name.
-FILE_JUDGE = "substring"
 # XSTest's prompt counts (data.xstest): what n_xstest = None ("all") means.
 XSTEST_SIZES = {"xstest_safe": 250, "xstest_unsafe": 200}
-# Fields added after run directories existed: left out of the fingerprint while at their default.
-_LATER_FIELDS = ("xstest", "n_xstest", "judge")
 
 # Direction selection thresholds (the paper's): the one definition, read by RunConfig, the `select` command
 # and selection's SelectionThresholds.
@@ -181,8 +175,7 @@ class RunConfig:
         """Hash of the fields that change results (not batch sizes, device or the data location)."""
         ignore = {"batch_size", "safety_batch_size", "device", "data_dir", "require_safety", "generation_backend",
                   "decode_step", "device_map", "max_memory", "offload_folder"}
-        d = {k: v for k, v in self.to_dict().items() if k not in ignore
-             and not (k in _LATER_FIELDS and v == FIELDS[k].default)}
+        d = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -36,15 +36,16 @@ def test_config_xstest_conditions_judge_and_stable_fingerprint():
     assert c.all_conditions == ALL_CONDITIONS + XSTEST_CONDITIONS
     assert build_config({"xstest": False}).all_conditions == ALL_CONDITIONS
     assert set(JUDGE_NAMES) == set(JUDGES)
-    # The new fields leave the fingerprint of a default config as it was before they existed.
+    # every field that changes results is in the fingerprint, at its default too; placement and batch sizes are not
     import hashlib
 
-    old = {k: v for k, v in c.to_dict().items() if k not in {"batch_size", "safety_batch_size", "device", "data_dir",
-                                                             "require_safety", "generation_backend", "xstest",
-                                                             "n_xstest", "judge", "device_map", "max_memory",
-                                                             "offload_folder", "decode_step"}}
-    assert c.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    kept = {k: v for k, v in c.to_dict().items() if k not in {"batch_size", "safety_batch_size", "device", "data_dir",
+                                                              "require_safety", "generation_backend", "device_map",
+                                                              "max_memory", "offload_folder", "decode_step"}}
+    assert {"xstest", "n_xstest", "judge"} <= set(kept)
+    assert c.fingerprint() == hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
     assert build_config({"judge": "rules"}).fingerprint() != c.fingerprint()
+    assert build_config({"xstest": False}).fingerprint() != c.fingerprint()
     with pytest.raises(UserErrors, match="judge='nope'"):
         build_config({"judge": "nope"})
     with pytest.raises(UserErrors, match="n_xstest=0"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..config import DEMO_MODEL, DEMO_SETTINGS, FIELDS, FILE_JUDGE, JUDGE_NAMES
+from ..config import DEMO_MODEL, DEMO_SETTINGS, FIELDS, JUDGE_NAMES
 from ..errors import UserError
 from .common import CONFIG, OUT, RUNS_OWN, _console, app, setup_logging, user_errors
 from .options import config_options
@@ -104,8 +104,8 @@ def score(
     no_safety: bool = typer.Option(False, "--no-safety", help="skip the safety score"),
     safety_model: str | None = typer.Option(None, help="Llama Guard 2 Hub id or local dir"),
     require_safety: bool = typer.Option(False, "--require-safety"),
-    judge: str | None = typer.Option(None, help=f"second refusal judge: {' | '.join(JUDGE_NAMES)} [file: {FILE_JUDGE}; "
-                                                f"run: the run's config, {FIELDS['judge'].default}]"),
+    judge: str | None = typer.Option(None, help=f"second refusal judge: {' | '.join(JUDGE_NAMES)} [a file: "
+                                                f"{FIELDS['judge'].default}; a run: its config's]"),
     judge_model: str | None = typer.Option(None, "--judge-model", help="a local chat model (Hub id or directory) as "
                                            "the LLM judge with XSTest's rubric (files only)"),
     judge_device: str = typer.Option("auto", help="device of --judge-model"),
@@ -117,7 +117,7 @@ def score(
 
         result = score_file(target, safety_model=None if no_safety else safety_model,
                             require_safety=require_safety, judge=llm_judge_from_model(judge_model, judge_device)
-                            if judge_model else (judge or FILE_JUDGE))
+                            if judge_model else (judge or FIELDS["judge"].default))
         print(json.dumps(result, indent=2) if json_out else "\n".join(describe_result(result, target.name)))
         return
     from ..run import pipeline

@@ -6,10 +6,9 @@ Accepted: a JSON list of records, a JSON object with a ``completions`` list (the
 ``response`` or ``completion``; ``category`` is optional.
 
 ``refusal`` is always the paper's substring score (the headline, for parity). ``judge=NAME`` (see
-`judges.JUDGES`, or any object with ``name`` and ``judge(instructions, completions)``; default
-`config.FILE_JUDGE`, substring: none added, and why not a run's learned judge) adds the judge's verdicts
-under ``judged``; a file with human labels (XSTest's ``final_label``) gets
-``human_agreement`` of the chosen judge with them (rate, k, n, ci95, confusion counts).
+`judges.JUDGES`, or any object with ``name`` and ``judge(instructions, completions)``; default: a run's,
+`RunConfig.judge`, the learned judge) adds the judge's verdicts under ``judged``; a file with human labels
+(XSTest's ``final_label``) gets ``human_agreement`` of the chosen judge with them (rate, k, n, ci95, confusion counts).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import FIELDS, FILE_JUDGE
+from ..config import FIELDS
 from ..data.xstest import is_xstest_completions, read_labelled_completions
 from ..errors import UserError
 from .judges import get_judge
@@ -96,7 +95,8 @@ def describe_result(result: dict, name: str) -> list[str]:
 
 
 def score_file(path: Path, safety_model: str | None = None, require_safety: bool = False,
-               safety_batch_size: int = FIELDS["safety_batch_size"].default, judge: str | object = FILE_JUDGE) -> dict:
+               safety_batch_size: int = FIELDS["safety_batch_size"].default,
+               judge: str | object = FIELDS["judge"].default) -> dict:
     """Score ``path``: substring refusal (always), ``judge``'s verdicts, human agreement, Llama Guard 2."""
     records = read_completions(path)
     refusal = [is_refusal(r["completion"]) for r in records]
