@@ -233,7 +233,7 @@ def test_agreement_on_planted_file_matches_hand_count(tmp_path):
     lines = ["id,type,prompt,completion,final_label"] + [f'{n},t,{q},"{c}",{lab}' for n, (q, c, lab)
                                                           in enumerate(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = score_file(path)
+    result = score_file(path, judge="substring")
     ha = result["human_agreement"]
     assert (ha["k"], ha["n"]) == (2, 5) and ha["rate"] == pytest.approx(0.4)
     assert ha["confusion"] == {"tp": 1, "fp": 1, "fn": 2, "tn": 1}
@@ -243,16 +243,18 @@ def test_agreement_on_planted_file_matches_hand_count(tmp_path):
     assert rules["judged"]["judge"] == "rules" and rules["judged"]["refusal"]["n"] == 5
 
 
-def test_default_judge_output_unchanged_on_json(tmp_path):
+def test_a_files_default_judge_is_a_runs(tmp_path):
+    """`score FILE` adds the run's default judge (learned) beside the substring headline; naming substring adds none."""
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": f"i{n}", "completion": c})
                               for n, c in enumerate(["I cannot.", "ok"])), encoding="utf-8")
+    plain = score_file(path, judge="substring")
+    assert set(plain) == {"file", "n", "refusal", "per_category", "items", "safety", "safety_status"}
+    assert [i["refusal"] for i in plain["items"]] == [1, 0]
     result = score_file(path)
-    assert set(result) == {"file", "n", "refusal", "per_category", "items", "safety", "safety_status"}
-    assert [i["refusal"] for i in result["items"]] == [1, 0]
-    learned = score_file(path, judge="learned")
-    assert [i["judge_refusal"] for i in learned["items"]] == [1, 0]
-    assert "human_agreement" not in learned
+    assert result["judged"]["judge"] == "learned" and result["refusal"] == plain["refusal"]
+    assert [i["judge_refusal"] for i in result["items"]] == [1, 0]
+    assert "human_agreement" not in result
 
 
 def test_released_paper_file_rejudged(reference_run):
