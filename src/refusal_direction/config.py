@@ -230,6 +230,10 @@ def _coerce(name: str, value: Any, problems: list[str]) -> Any:
     return value
 
 
+# Keys that may name a local file or directory: an existing path is stored absolute (a Hub id is kept as it is).
+LOCAL_PATHS = ("model", "direction_file", "chat_template", "safety_model")
+
+
 def build_config(overrides: dict[str, Any] | None = None, toml_path: str | Path | None = None,
                  base: dict[str, Any] | None = None) -> RunConfig:
     """Merge ``base`` (e.g. a run's saved config) < TOML file < ``overrides``; validate everything."""
@@ -254,6 +258,9 @@ def build_config(overrides: dict[str, Any] | None = None, toml_path: str | Path 
             problems.append(f"unknown config key {key!r}; known keys include {', '.join(close)}")
             continue
         clean[key] = _coerce(key, value, problems)
+    for key in LOCAL_PATHS:  # stored resolved: the run means the same file when reopened from another folder
+        if isinstance(clean.get(key), str) and clean[key] and Path(clean[key]).exists():
+            clean[key] = str(Path(clean[key]).resolve())
     config = RunConfig(**clean)
     problems += validate(config)
     if problems:

@@ -52,12 +52,26 @@ def record_in_manifest(run_dir: str | os.PathLike, path: str | os.PathLike) -> N
 
 
 def manifest_entries(run_dir: str | os.PathLike) -> set[str]:
-    """The relative paths the package wrote in ``run_dir`` (empty if it has no manifest)."""
+    """The relative paths the package wrote in ``run_dir`` (empty if it has no manifest). A line that names a path
+    outside ``run_dir`` (absolute, with ``..``, or through a link that leads out) is not one the package wrote
+    there — a damaged or edited manifest — and is left out, so `--force` can never delete it."""
     manifest = Path(run_dir) / MANIFEST
     if not manifest.is_file():
         return set()
     text = manifest.read_bytes().decode("utf-8", errors="replace")
-    return {line.strip() for line in text.splitlines() if line.strip()}
+    root = Path(run_dir).resolve()
+    return {rel for rel in (line.strip() for line in text.splitlines()) if rel and _inside(root, rel)}
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """``rel`` is a relative path that stays inside the directory ``root`` (resolved, links followed)."""
+    path = Path(rel)
+    if path.is_absolute() or ".." in path.parts:
+        return False
+    try:
+        return (root / path).resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop
+        return False
 
 
 def record_write(path: str | os.PathLike) -> None:

@@ -195,3 +195,24 @@ def test_qwen3_export_matches_hooks():
     orthogonalize_weights_(edited_model, direction)
     assert (logits(edited_model, enc) - ref).abs().max().item() <= 1e-4
     assert (logits(lm.model, enc) - ref).abs().max().item() > 1e-2  # the direction matters
+
+
+def test_export_force_keeps_the_users_files_and_refuses_an_export_it_cannot_read(lm, direction, tmp_path):
+    """`--force` into a previous export replaces the files the export listed as its own and keeps the rest (a
+    user's notes, a results folder); an export without that list is refused instead of cleared."""
+    out = export_model(lm, direction, tmp_path / "e", {"run_dir": "runs/abc"})
+    listed = read_export_info(out)["files"]
+    assert {"README.md", EXPORT_INFO, "config.json"} <= set(listed) and "notes.md" not in listed
+    (out / "notes.md").write_text("mine")
+    (out / "results").mkdir()
+    (out / "results" / "scores.csv").write_text("1,2")
+    export_model(lm, direction, out, {"run_dir": "runs/def"}, force=True)
+    assert (out / "notes.md").read_text() == "mine" and (out / "results" / "scores.csv").read_text() == "1,2"
+    assert "runs/def" in (out / "README.md").read_text() and not list(tmp_path.glob("e.old-*"))
+    info = json.loads((out / EXPORT_INFO).read_text())
+    del info["files"]
+    (out / EXPORT_INFO).write_text(json.dumps(info))
+    with pytest.raises(UserError, match="does not list its own files"):
+        export_model(lm, direction, out, {}, force=True)
+    assert (out / "notes.md").read_text() == "mine"
+

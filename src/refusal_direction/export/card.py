@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 import shutil
 import sys
@@ -25,6 +27,7 @@ from ..errors import UserError
 from ..fileio import atomic_write_json, atomic_write_text
 
 EXPORT_INFO = "refusal_direction_export.json"
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -44,9 +47,17 @@ def staged_export(out_dir: Path) -> Iterator[Path]:
 
 
 def write_model_card(directory: Path, info: dict) -> None:
-    """The README and the provenance JSON of an export."""
+    """The README and the provenance JSON of an export, written last: the JSON lists every file of the export
+    (``files``), so a later ``--force`` replaces those and keeps anything else a user put there."""
     atomic_write_text(directory / "README.md", _readme(info))
-    atomic_write_json(directory / EXPORT_INFO, info)
+    files = sorted({p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} | {EXPORT_INFO})
+    atomic_write_json(directory / EXPORT_INFO, {**info, "files": files})
+
+
+def user_files(out_dir: Path) -> list[Path]:
+    """The files of a previous export in ``out_dir`` that the export did not write (its ``files`` list)."""
+    written = set(json.loads((out_dir / EXPORT_INFO).read_text()).get("files") or ())
+    return [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.relative_to(out_dir).as_posix() not in written]
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -59,12 +70,25 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         if not force:
             raise UserError(f"--out {out_dir} already holds an export; pass --force to replace it or choose a "
                             "new directory")
+        if "files" not in _previous_info(out_dir):
+            raise UserError(f"--out {out_dir} holds an export that does not list its own files, so --force cannot tell "
+                            "them from yours; move what you keep there and remove it, or choose a new directory")
+
+
+def _previous_info(out_dir: Path) -> dict:
+    try:
+        return json.loads((out_dir / EXPORT_INFO).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{out_dir / EXPORT_INFO} cannot be read ({exc}); --force cannot tell the export's files "
+                        "from yours: move what you keep and remove the directory, or choose a new one") from None
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """``tmp`` becomes ``out_dir``; a previous export there is replaced, the user's files in it move over."""
     old = None
     if out_dir.is_dir():
         if any(out_dir.iterdir()):
+            _keep_user_files(out_dir, tmp)
             old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
         else:
@@ -72,6 +96,19 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _keep_user_files(old: Path, new: Path) -> None:
+    """Move the files of the export ``old`` that it did not write into ``new`` at the same place (a name the new
+    export uses itself gets ``.kept``)."""
+    for p in user_files(old):
+        rel = p.relative_to(old)
+        target = new / rel
+        if target.exists():
+            target = target.with_name(target.name + ".kept")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(p, target)
+        log.info("export: kept %s (not written by the previous export)", rel)
 
 
 def provenance(model_id: str, revision: str | None, source_format: str, saved_dtype: str, edit: Edit,
