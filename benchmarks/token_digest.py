@@ -28,6 +28,14 @@ import sys
 import torch
 
 
+def _relative(path: str) -> str:
+    """``path`` relative to the working directory (the repository root) when it lies below it."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd().resolve())) if p.is_relative_to(Path.cwd().resolve()) else p.name
+
+
 def digests(tokens: dict) -> dict[str, str]:
     """sha256 of ``json.dumps`` of each condition's rows of token ids (the same bytes as the bench's digest)."""
     return {name: hashlib.sha256(json.dumps([list(map(int, r)) for r in rows]).encode()).hexdigest()
@@ -74,7 +82,7 @@ def main(argv=None) -> dict:
         result, seconds = bench.fast_generate(lm, instructions, conditions, args.new_tokens)
         runs.append((digests(result.tokens), seconds, result.stats.decode))
     rows = [r for v in result.tokens.values() for r in v]
-    out = {"layout": layout, "module": bench.__file__, "model": lm.model_id, "device": str(lm.device),
+    out = {"layout": layout, "module": _relative(bench.__file__), "model": lm.model_id, "device": str(lm.device),
            "dtype": str(lm.dtype).removeprefix("torch."), "n_prompts": args.n_prompts,
            "new_tokens": args.new_tokens, "seed": args.seed, "initializer_range": args.initializer_range,
            "decode": runs[0][2], "distinct_tokens_per_row": sum(len(set(r)) for r in rows) / len(rows),

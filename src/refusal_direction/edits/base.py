@@ -103,11 +103,12 @@ class Edit:
     name: str
 
     def describe(self) -> dict:
-        raise NotImplementedError
+        """The edit's parameters for provenance and tables (each method adds its own)."""
+        return {"type": self.method}
 
     def hooks(self, lm: LoadedModel, rows: torch.Tensor | None = None) -> list:
         """Register the edit's hooks on ``lm.model`` (``rows`` [batch]: 1 where the edit applies); the handles."""
-        raise NotImplementedError
+        raise UserError(f"{self.name!r} ({self.method}) has no hooks of its own: {self.reasons.get('hooks', '')}")
 
     def projection(self, lm: LoadedModel) -> tuple[torch.Tensor, dict] | None:
         """(basis [k, d] float32, {(site, layer): weight}) for a projection y ← y − w Σ (y·q) q, else None."""

@@ -155,7 +155,8 @@ def _identity(python: str) -> Identity:
     log.warning("the code sandbox runs as root and nobody (uid 65534) cannot start %s, so children run as root, "
                 "where the kernel ignores RLIMIT_NPROC: a fork bomb is bounded only by the timeout's process-group "
                 "kill. Run the evaluation as a non-root user, or with an interpreter that nobody can read.", python)
-    reason = f"root, and nobody cannot start {python}: the kernel ignores RLIMIT_NPROC for root"
+    reason = ("root, and nobody cannot start the interpreter (its folder is closed to nobody): the kernel ignores "
+              "RLIMIT_NPROC for root")
     return Identity(None, None, "root", False, reason)
 
 

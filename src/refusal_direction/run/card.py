@@ -187,6 +187,7 @@ def _measures(row: Row, base, gens: dict, prompts: CardPrompts, s: CardSettings,
     """Every measure of one row from its generations (the dict `_assemble` turns into a `CardRow`)."""
     from ..evaluation.damage import damage, first_token_logprobs, with_system_prompt
     from ..evaluation.substance import substance
+    from .summary import display_name
 
     verdicts = {k: _verdicts(prompts.sets[k], gens[k]) for k in ("harmful", "xstest_safe", "xstest_unsafe")
                 if k in gens}
@@ -203,7 +204,11 @@ def _measures(row: Row, base, gens: dict, prompts: CardPrompts, s: CardSettings,
                 "stopped": g.stopped, "refusal": bool(v)}
                for p, g, v in zip(prompts.sets["harmful"], gens["harmful"], verdicts["harmful"]["learned"],
                                   strict=True)]
-    return {"verdicts": verdicts, "damage": harm.to_json(), "humaneval": _humaneval(gens, prompts, s),
+    named = harm.to_json()
+    for key in ("base", "model"):  # model ids as the card shows them: a local file or folder by its name
+        for lm_id in {str(base.model_id), str(row.lm.model_id)}:
+            named[key] = named[key].replace(lm_id, display_name(lm_id))
+    return {"verdicts": verdicts, "damage": named, "humaneval": _humaneval(gens, prompts, s),
             "substance": substance(records, s.max_new_tokens).to_json()}
 
 
